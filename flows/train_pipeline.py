@@ -1,0 +1,105 @@
+"""The training pipeline as a Prefect flow: acquire → prepare → train → evaluate, one MLflow run.
+
+Wiring only: each task calls the same `run_<stage>` function that `dvc.yaml` runs through `tasks.cli`, and the
+MLflow run id is handed from task to task explicitly (MLflow's active run is thread-local; Prefect runs tasks
+in threads).
+
+    python -m flows.train_pipeline                      # run once, with params.yaml
+    python -m flows.train_pipeline -S train.epochs=5    # with overrides, as `dvc exp run -S` takes them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tasks.params import ParamsError, load_params
+
+# Our stage loggers ("tasks.*") go to the Prefect UI and console next to Prefect's own.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; it only logs errors
+logging.getLogger("tasks").setLevel(logging.INFO)
+
+from prefect import flow, task  # noqa: E402  (after the logging settings above)
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+
+from tasks.cli import quiet_libraries, stage_entry  # noqa: E402
+from tasks.params import Params  # noqa: E402
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O hiccups, not bad data or bad params: those fail the same way every time."""
+    from tasks.data import DataError
+
+    try:
+        state.result()
+    except (DataError, ParamsError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage}")
+def run_stage(stage: str, params: Params, run_id: str | None) -> str:
+    """One pipeline stage; returns the MLflow run id it logged into."""
+    return stage_entry(stage)(params, run_id)
+
+
+# Reading and writing data is where transient failures (a network share, a full disk being cleaned) happen.
+io_stage = run_stage.with_options(retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying)
+
+
+@flow(name="cassava-train-pipeline", log_prints=True)
+def train_pipeline(overrides: list[str] | None = None, params_file: str | None = None) -> dict[str, Any]:
+    """Run every stage once; return the MLflow run id, the tracking URI and the test metrics."""
+    from tasks.layout import METRICS_FILE
+    from tasks.params import repo_root
+    from tasks.tracking import configure_tracking
+
+    params = load_params(params_file, overrides or [])
+    quiet_libraries()
+    run_id = io_stage("acquire", params, None)
+    run_id = io_stage("prepare", params, run_id)
+    run_id = run_stage("train", params, run_id)
+    run_id = run_stage("evaluate", params, run_id)
+    metrics = json.loads((repo_root() / METRICS_FILE).read_text())
+    return {"run_id": run_id, "tracking_uri": configure_tracking(), "metrics": metrics}
+
+
+def main(
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
+    ] = None,
+    params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
+) -> None:
+    """Run the cassava training pipeline once under Prefect and say where to look."""
+    try:
+        load_params(params_file, overrides or [])  # fail in under a second, before Prefect starts a server
+    except ParamsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    result = train_pipeline(overrides=overrides or [], params_file=params_file)
+    metrics = result["metrics"]
+    uri = result["tracking_uri"]
+    typer.echo(
+        "\n".join(
+            [
+                "",
+                f"MLflow run:      {result['run_id']}",
+                f"test accuracy:   {metrics['test_accuracy']:.4f}",
+                f"test macro F1:   {metrics['test_macro_f1']:.4f}",
+                "metrics file:    reports/metrics.json   (plots: reports/*.png)",
+                f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+                "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
+            ]
+        )
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)

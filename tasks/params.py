@@ -1,0 +1,222 @@
+"""The one params schema: every knob of every stage, validated once for every entry point.
+
+`params.yaml` is the committed default; `section.key=value` overrides (the same syntax as
+`dvc exp run -S`) are applied on top, then the whole tree is validated. This module imports no
+TensorFlow, so a bad value is reported in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CASSAVA_CLASSES = ("cbb", "cbsd", "cgm", "cmd", "healthy")
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message is one line naming key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must never fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class SyntheticParams(_Section):
+    """The embedded, procedurally generated cassava-like leaf data set."""
+
+    images_per_class: PositiveInt | dict[str, PositiveInt] = 200
+    blur_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    render_size: Annotated[int, Field(ge=32, le=512)] = 96
+
+
+class DataParams(_Section):
+    source: Literal["synthetic", "digits", "folder", "csv"] = "synthetic"
+    root: str | None = None  # folder / csv: the local data set (relative to the repository root)
+    image_size: Annotated[int, Field(ge=8, le=512)] = 64
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.15
+    seed: int = 42
+    min_images_per_class: Annotated[int, Field(ge=3)] = 10
+    small_class_policy: Literal["error", "drop"] = "error"
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataParams":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g}: "
+                "must be < 0.9 so training keeps data"
+            )
+        if self.source in ("folder", "csv") and not self.root:
+            raise ValueError(f"data.root is required when data.source = {self.source!r} (a local folder)")
+        return self
+
+
+Initializer = Literal[
+    "glorot_uniform", "glorot_normal", "he_normal", "he_uniform", "lecun_normal", "orthogonal"
+]
+
+
+class ModelParams(_Section):
+    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [16, 32, 64]
+    kernel_size: Annotated[int, Field(ge=1, le=11)] = 3
+    batch_norm: bool = True
+    # 0.9 rather than Keras' 0.99: with a few dozen steps per epoch the moving statistics must settle fast,
+    # or validation runs on stale statistics and looks like chance.
+    batch_norm_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    dense_units: PositiveInt = 64
+    head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    initializer: Initializer = "glorot_uniform"
+
+
+class EarlyStoppingParams(_Section):
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: Annotated[int, Field(ge=0)] = 4
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class TrainParams(_Section):
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 15
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.002
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    lr_schedule: Literal["constant", "cosine", "exponential"] = "cosine"
+    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 128
+    top_k: Annotated[int, Field(ge=1)] = 2
+
+
+class TrackingParams(_Section):
+    # None: one experiment per data source ("cassava-synthetic", "cassava-csv", ...).
+    experiment_name: str | None = None
+    # None: a name that says what differs (model, optimizer, learning rate, data version).
+    run_name: str | None = None
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into its key path and its YAML-typed value (as `dvc exp run -S` does)."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"override {override!r}: value is not valid YAML ({error.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of the params tree with every `section.key=value` override applied."""
+    merged: dict[str, Any] = _deep_copy(tree)
+    for override in overrides:
+        key_path, value = parse_override(override)
+        node = merged
+        for part in key_path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[key_path[-1]] = value
+    return merged
+
+
+def _deep_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _deep_copy(value) if isinstance(value, Mapping) else value for key, value in tree.items()}
+
+
+def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "int", "dict")))
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, [str(part) for part in error["loc"][:-1]])
+        return f"{key}: unknown key (allowed: {', '.join(allowed)})"
+    if error["type"] == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    return f"{key} = {error.get('input')!r}: {error['msg'].lower()}"
+
+
+def _allowed_keys(model: type[BaseModel], section_path: list[str]) -> list[str]:
+    for part in section_path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def validate_params(tree: Mapping[str, Any]) -> Params:
+    """Validate a params tree; raise ParamsError with one line per problem (key, bad value, allowed)."""
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as error:
+        problems = [_describe_error(detail, Params) for detail in error.errors()]
+        raise ParamsError("invalid params: " + "; ".join(problems)) from None
+
+
+def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
+    """Read params.yaml (default: the one at the repository root), apply overrides, validate."""
+    params_file = Path(path) if path else repo_root() / DEFAULT_PARAMS_FILE
+    try:
+        tree = yaml.safe_load(params_file.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {params_file}") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{params_file}: not valid YAML ({error})") from None
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{params_file}: expected a mapping of sections (data, model, train, ...)")
+    return validate_params(apply_overrides(tree, overrides))
+
+
+def flatten_params(params: Params) -> dict[str, str]:
+    """Flatten for MLflow. Rule: nested keys joined with '.', lists written as compact YAML (`[16, 32, 64]`)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        elif isinstance(value, list):
+            flat[prefix] = yaml.safe_dump(value, default_flow_style=True).strip()
+        else:
+            flat[prefix] = str(value)
+
+    walk("", params.model_dump())
+    return flat
+
+
+def repo_root() -> Path:
+    """This checkout's root (inside a `dvc exp run --queue` copy: the copy, where params and data live)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def tracking_root() -> Path:
+    """Where the default tracking store lives: DVC_ROOT (the original repository, also from a queued
+    experiment's temporary copy, so its runs are not lost with the copy), else this checkout's root."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    return Path(dvc_root).resolve() if dvc_root else repo_root()

@@ -1,0 +1,93 @@
+"""The prepared-data format, shared by the stage that writes it and the stages that read it.
+
+A prepared folder holds one uint8 array per split (`<split>_images.npy`, N x S x S x 3) with its labels
+(`<split>_labels.npy`), `classes.json`, `split_manifest.csv` and `data_report.json`. The arrays are opened
+memory-mapped, so reading a split never needs it all in memory, and `batched_dataset` streams batches
+through tf.data with parallel reads and prefetching.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("path", "label", "split", "content_hash", "blur_score", "original_mode", "width", "height")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Fixed file names inside a prepared-data folder."""
+
+    root: Path
+
+    def images_file(self, split: str) -> Path:
+        return self.root / f"{split}_images.npy"
+
+    def labels_file(self, split: str) -> Path:
+        return self.root / f"{split}_labels.npy"
+
+    @property
+    def classes_file(self) -> Path:
+        return self.root / "classes.json"
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.root / "split_manifest.csv"
+
+    @property
+    def report_file(self) -> Path:
+        return self.root / "data_report.json"
+
+    def class_names(self) -> list[str]:
+        return json.loads(self.classes_file.read_text())
+
+    def split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of one split; images memory-mapped read-only, labels int32."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
+        if not self.images_file(split).exists():
+            raise FileNotFoundError(f"{self.images_file(split)} is missing: run the prepare stage first")
+        images = np.load(self.images_file(split), mmap_mode="r")
+        labels = np.load(self.labels_file(split)).astype(np.int32)
+        return images, labels
+
+
+def batched_dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int
+) -> "tf.data.Dataset":
+    """Batches of (float32 images in [0, 255], int32 labels) streamed from (memory-mapped) arrays.
+
+    Only indices are shuffled in TensorFlow; pixels are gathered per batch by numpy in parallel map calls,
+    so memory stays bounded by a few batches whatever the split's size. Order is a function of `seed`
+    (reshuffled each epoch), so runs repeat exactly.
+    """
+    import tensorflow as tf
+
+    image_shape = tuple(images.shape[1:])
+
+    def gather(batch_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.sort(batch_indices)  # ascending reads are sequential on disk
+        return images[order].astype(np.float32), labels[order]
+
+    def load_batch(batch_indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch_images, batch_labels = tf.numpy_function(gather, [batch_indices], (tf.float32, tf.int32))
+        batch_images.set_shape((None, *image_shape))
+        batch_labels.set_shape((None,))
+        return batch_images, batch_labels
+
+    indices = tf.data.Dataset.range(len(labels))
+    if shuffle:
+        indices = indices.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return (
+        indices.batch(batch_size)
+        .map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
