@@ -58,7 +58,7 @@ io_stage = run_stage.with_options(retries=2, retry_delay_seconds=5, retry_condit
 def train_pipeline(overrides: list[str] | None = None, params_file: str | None = None) -> dict[str, Any]:
     """Run every stage once; return the MLflow run id, the tracking URI and the test metrics."""
     from tasks.layout import METRICS_FILE
-    from tasks.params import repo_root
+    from tasks.params import workspace_root
     from tasks.tracking import configure_tracking
 
     params = load_params(params_file, overrides or [])
@@ -67,7 +67,7 @@ def train_pipeline(overrides: list[str] | None = None, params_file: str | None =
     run_id = io_stage("prepare", params, run_id)
     run_id = run_stage("train", params, run_id)
     run_id = run_stage("evaluate", params, run_id)
-    metrics = json.loads((repo_root() / METRICS_FILE).read_text())
+    metrics = json.loads((workspace_root() / METRICS_FILE).read_text())
     return {"run_id": run_id, "tracking_uri": configure_tracking(), "metrics": metrics}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tasks.images import UnreadableImage, blur_score, content_hash, list_image_files, load_rgb_image
-from tasks.params import CASSAVA_CLASSES, DataParams, Params, repo_root
+from tasks.params import CASSAVA_CLASSES, DataParams, Params, workspace_root
 from tasks.prepared import MANIFEST_COLUMNS, SPLITS, PreparedData
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def acquire(data: DataParams, raw_dir: Path) -> AcquireReport:
 
 def _existing_root(data: DataParams) -> Path:
     root = Path(data.root or "")
-    root = root if root.is_absolute() else repo_root() / root
+    root = root if root.is_absolute() else workspace_root() / root
     if not root.is_dir():
         raise DataError(f"data.root = {data.root!r}: no such folder (data.source = {data.source!r})")
     return root
@@ -331,7 +331,7 @@ def run_acquire(params: Params, run_id: str | None = None) -> str:
     from tasks.layout import ACQUIRE_POINTER, RAW_DIR
     from tasks.tracking import StageRecord, stage_run
 
-    root = repo_root()
+    root = workspace_root()
     with stage_run("acquire", params, None, root / ACQUIRE_POINTER, run_id) as run:
         report = acquire(params.data, root / RAW_DIR)
         log.info("acquire: %d files in %d classes from %s", sum(report.files_per_class.values()),
@@ -352,7 +352,7 @@ def run_prepare(params: Params, run_id: str | None = None) -> str:
     from tasks.layout import ACQUIRE_POINTER, PREPARE_POINTER, PREPARED_DIR, RAW_DIR
     from tasks.tracking import StageRecord, stage_run
 
-    root = repo_root()
+    root = workspace_root()
     with stage_run("prepare", params, root / ACQUIRE_POINTER, root / PREPARE_POINTER, run_id) as run:
         report = prepare_dataset(params.data, root / RAW_DIR, root / PREPARED_DIR)
         log.info("prepare: kept %d of %d files; %d skipped, %d duplicates; splits %s", report.images_kept,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.params import Params, repo_root
+from tasks.params import Params, workspace_root
 from tasks.prepared import PreparedData, batched_dataset
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
     from tasks import layout
     from tasks.tracking import StageRecord, stage_run
 
-    root = repo_root()
+    root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
     with stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
         model = keras.saving.load_model(root / layout.MODEL_DIR / "model.keras")

@@ -181,7 +181,7 @@ def validate_params(tree: Mapping[str, Any]) -> Params:
 
 def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
     """Read params.yaml (default: the one at the repository root), apply overrides, validate."""
-    params_file = Path(path) if path else repo_root() / DEFAULT_PARAMS_FILE
+    params_file = Path(path) if path else workspace_root() / DEFAULT_PARAMS_FILE
     try:
         tree = yaml.safe_load(params_file.read_text()) or {}
     except FileNotFoundError:
@@ -210,13 +210,20 @@ def flatten_params(params: Params) -> dict[str, str]:
     return flat
 
 
-def repo_root() -> Path:
-    """This checkout's root (inside a `dvc exp run --queue` copy: the copy, where params and data live)."""
+def code_root() -> Path:
+    """The checkout holding this code (its git commit is what a run records)."""
     return Path(__file__).resolve().parent.parent
+
+
+def workspace_root() -> Path:
+    """Where params.yaml, data/, models/ and reports/ live: CASSAVA_WORKSPACE if set, else the checkout
+    (inside a `dvc exp run --queue` copy: the copy)."""
+    workspace = os.environ.get("CASSAVA_WORKSPACE")
+    return Path(workspace).resolve() if workspace else code_root()
 
 
 def tracking_root() -> Path:
     """Where the default tracking store lives: DVC_ROOT (the original repository, also from a queued
-    experiment's temporary copy, so its runs are not lost with the copy), else this checkout's root."""
+    experiment's temporary copy, so its runs are not lost with the copy), else the workspace."""
     dvc_root = os.environ.get("DVC_ROOT")
-    return Path(dvc_root).resolve() if dvc_root else repo_root()
+    return Path(dvc_root).resolve() if dvc_root else workspace_root()

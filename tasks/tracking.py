@@ -32,7 +32,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus
 
-from tasks.params import Params, flatten_params, repo_root, tracking_root
+from tasks.params import Params, code_root, flatten_params, tracking_root, workspace_root
 
 TAG_PREFIX = "cassava."
 TRACKED_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "prefect", "dvc", "scikit-learn", "numpy")
@@ -125,7 +125,7 @@ def dvc_data_version(prepared_dir: Path) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        result = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10)
+        result = subprocess.run(["git", *args], cwd=code_root(), capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -306,13 +306,13 @@ def _tag_data_version(client: MlflowClient, run_id: str, params: Params) -> None
     """Tag the DVC hash of the prepared data, log it as the run's dataset, and name the run after it."""
     from tasks.layout import PREPARED_DIR
 
-    version = dvc_data_version(repo_root() / PREPARED_DIR)
+    version = dvc_data_version(workspace_root() / PREPARED_DIR)
     if not version:
         return
     run = client.get_run(run_id)
     if run.data.tags.get(TAG_PREFIX + "data_version") != version:
         client.set_tag(run_id, TAG_PREFIX + "data_version", version)
-        _log_dataset(repo_root() / PREPARED_DIR, params, version)
+        _log_dataset(workspace_root() / PREPARED_DIR, params, version)
     if not params.tracking.run_name:
         client.update_run(run_id, name=describe_run(params, version))
 
@@ -335,7 +335,7 @@ def _log_dataset(prepared_dir: Path, params: Params, version: str) -> None:
 def log_record(run_id: str, record: StageRecord, replay_series: bool) -> None:
     """Log a stage's record into a run; `replay_series` re-logs per-epoch metrics that were logged live."""
     client = MlflowClient()
-    root = repo_root()
+    root = workspace_root()
     if record.metrics:
         mlflow.log_metrics(record.metrics)
     tags = dict(record.tags)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from tasks.params import Params, TrainParams, repo_root
+from tasks.params import Params, TrainParams, workspace_root
 from tasks.prepared import PreparedData, batched_dataset
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def run_train(params: Params, run_id: str | None = None) -> str:
     from tasks import layout
     from tasks.tracking import StageRecord, log_epoch_metrics, stage_run
 
-    root = repo_root()
+    root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
     with stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER, run_id) as run:
         model, summary, history = train_classifier(
