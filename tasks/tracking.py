@@ -329,7 +329,7 @@ def _log_dataset(prepared_dir: Path, params: Params, version: str) -> None:
         dataset = mlflow.data.from_pandas(
             manifest, source=str(prepared_dir), targets="label", name=f"cassava-{params.data.source}", digest=version[:32]
         )
-    mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context="training")
 
 
 def log_record(run_id: str, record: StageRecord, replay_series: bool) -> None:
