@@ -223,7 +223,7 @@ def paint_cgm(rng: np.random.Generator, leaf: np.ndarray, geometry: LeafGeometry
     # Mottle is often concentrated on part of the leaf.
     region = smooth_noise(rng, size, 2.0)
     spots = np.clip((speckles - (0.7 - 0.15 * severity)) * 6.0, 0.0, 1.0) * np.clip(region * 2.0, 0.0, 1.0)
-    return _blend(leaf, SPECKLE_GREEN, spots * (0.35 + 0.45 * severity))
+    return _blend(leaf, SPECKLE_GREEN, spots * (0.4 + 0.45 * severity))
 
 
 def paint_cbsd(rng: np.random.Generator, leaf: np.ndarray, geometry: LeafGeometry, severity: float) -> np.ndarray:
@@ -368,7 +368,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 def disease_severity(rng: np.random.Generator) -> float:
     """Severity in (0, 1], skewed towards mild so that many diseased leaves look almost healthy."""
-    return float(0.1 + 0.9 * rng.beta(1.5, 1.2))
+    return float(0.15 + 0.85 * rng.beta(1.6, 1.2))
 
 
 def render_leaf(label: str, rng: np.random.Generator, image_size: int) -> Image.Image:

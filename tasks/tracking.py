@@ -71,10 +71,14 @@ class StageRun:
         self.records.append(record)
 
 
+def default_tracking_uri() -> str:
+    return f"sqlite:///{tracking_root() / 'mlflow.db'}"
+
+
 def configure_tracking() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, else at the SQLite store at the repository root (absolute path)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tracking_root() / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # (MLflow also exports it as MLFLOW_TRACKING_URI to child processes)
     return uri
 
 
@@ -87,7 +91,7 @@ def ensure_experiment(name: str) -> str:
     if existing:
         return existing.experiment_id
     artifact_location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if mlflow.get_tracking_uri() == default_tracking_uri():
         artifact_location = (tracking_root() / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
