@@ -1,0 +1,66 @@
+"""Training core: schedules, optimizers, determinism, and final metrics from the restored best epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import pytest
+
+from tasks.data import acquire, prepare_dataset
+from tasks.params import Params
+from tasks.prepared import PreparedData
+from tasks.train import build_optimizer, learning_rate_schedule, train_classifier
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    from tests.conftest import tiny_params_tree
+    from tasks.params import validate_params
+
+    root = tmp_path_factory.mktemp("train")
+    params = validate_params(tiny_params_tree())
+    acquire(params.data, root / "raw")
+    prepare_dataset(params.data, root / "raw", root / "prepared")
+    return PreparedData(root / "prepared")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "at_start", "at_end"),
+    [("constant", 0.01, 0.01), ("cosine", 0.01, 0.0001), ("exponential", 0.01, 0.001)],
+)
+def test_learning_rate_schedules(tiny_params: Params, schedule: str, at_start: float, at_end: float) -> None:
+    train = tiny_params.train.model_copy(update={"lr_schedule": schedule, "learning_rate": 0.01, "epochs": 4})
+    rate = learning_rate_schedule(train, steps_per_epoch=10)
+    value_at = (lambda step: float(rate(step))) if callable(rate) else (lambda step: rate)
+    assert value_at(0) == pytest.approx(at_start)
+    assert value_at(40) == pytest.approx(at_end, rel=1e-4)
+    assert at_end <= value_at(20) <= at_start
+
+
+def test_optimizers_get_their_hyper_parameters(tiny_params: Params) -> None:
+    sgd = build_optimizer(tiny_params.train.model_copy(update={"optimizer": "sgd", "momentum": 0.8}), 10)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == pytest.approx(0.8)
+    rmsprop = build_optimizer(tiny_params.train.model_copy(update={"optimizer": "rmsprop"}), 10)
+    assert isinstance(rmsprop, keras.optimizers.RMSprop)
+    assert isinstance(build_optimizer(tiny_params.train, 10), keras.optimizers.Adam)
+
+
+def test_training_is_deterministic_and_reports_the_restored_epoch(
+    tiny_params: Params, prepared: PreparedData, tmp_path: Path
+) -> None:
+    logged: list[tuple[int, dict]] = []
+    model, summary, history = train_classifier(
+        tiny_params, prepared, tmp_path / "best.keras", on_epoch=lambda epoch, values: logged.append((epoch, values))
+    )
+    _, summary_again, history_again = train_classifier(tiny_params, prepared, tmp_path / "again.keras")
+    assert history == history_again
+    assert summary.best_val_loss == summary_again.best_val_loss
+
+    assert [epoch for epoch, _ in logged] == [row["epoch"] for row in history] == list(range(1, summary.epochs_run + 1))
+    assert all({"loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"} <= set(values) for _, values in logged)
+    best = min(history, key=lambda row: row["val_loss"])
+    assert summary.best_epoch == best["epoch"]
+    # Final metrics are the restored model's, recomputed: they match the best epoch, not the last one.
+    assert summary.best_val_loss == pytest.approx(best["val_loss"], rel=1e-4)
+    assert (tmp_path / "best.keras").exists()
