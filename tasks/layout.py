@@ -24,3 +24,6 @@ TRAIN_SUMMARY_FILE = MODELS_DIR / "train_summary.json"
 
 METRICS_FILE = REPORTS_DIR / "metrics.json"
 PREDICTIONS_FILE = REPORTS_DIR / "test_predictions.csv"  # actual,predicted: dvc plots' confusion matrix
+BACKUP_DIR = MODELS_DIR / "backup"  # resumable training state; not a DVC output, removed after success
+INIT_DIAGNOSTICS_FILE = MODELS_DIR / "init_diagnostics.csv"
+INIT_DIAGNOSTICS_PLOT = MODELS_DIR / "init_diagnostics.png"

@@ -15,37 +15,85 @@ if TYPE_CHECKING:
     import keras
 
 
+def kernel_initializer(model_params: ModelParams, seed: int) -> "keras.initializers.Initializer":
+    """The configured initializer; each layer gets its own seed, or all kernels would start alike."""
+    import keras
+
+    if model_params.initializer == "random_normal":
+        return keras.initializers.RandomNormal(stddev=model_params.init_stddev, seed=seed)
+    if model_params.initializer == "zeros":
+        return keras.initializers.Zeros()
+    return keras.initializers.get({"class_name": model_params.initializer, "config": {"seed": seed}})
+
+
+def augmentation_layers(model_params: ModelParams, seed: int) -> list["keras.layers.Layer"]:
+    """Random augmentation, active only in training (Keras skips these layers at inference)."""
+    from keras import layers
+
+    settings = model_params.augmentation
+    augmentations: list[layers.Layer] = []
+    if settings.flip != "none":
+        augmentations.append(layers.RandomFlip(settings.flip, seed=seed, name="augment_flip"))
+    if settings.rotation > 0:
+        augmentations.append(layers.RandomRotation(settings.rotation, fill_mode="reflect", seed=seed + 1, name="augment_rotation"))
+    if settings.zoom > 0:
+        augmentations.append(layers.RandomZoom(settings.zoom, fill_mode="reflect", seed=seed + 2, name="augment_zoom"))
+    if settings.contrast > 0:
+        augmentations.append(layers.RandomContrast(settings.contrast, value_range=(0, 1), seed=seed + 3, name="augment_contrast"))
+    if settings.brightness > 0:
+        augmentations.append(
+            layers.RandomBrightness(settings.brightness, value_range=(0, 1), seed=seed + 4, name="augment_brightness")
+        )
+    return augmentations
+
+
 def build_classifier(model_params: ModelParams, image_size: int, num_classes: int, seed: int) -> "keras.Model":
-    """Conv blocks (conv → [batch norm] → ReLU → max-pool → dropout), global average pooling, a dense head."""
+    """Augmentation, conv blocks (conv → [batch norm] → ReLU → max-pool → [dropout]), global average
+    pooling, a dense head. Layer names are stable (`block2_conv`, `head_dense`, ...): diagnostics and
+    saliency maps look layers up by name."""
     import keras
     from keras import layers
 
-    def initializer(offset: int) -> keras.initializers.Initializer:
-        # A distinct seed per layer: the same seed everywhere would give correlated (identical-shaped) kernels.
-        return keras.initializers.get({"class_name": model_params.initializer, "config": {"seed": seed + offset}})
-
+    regularizer = keras.regularizers.L2(model_params.l2) if model_params.l2 > 0 else None
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for augmentation in augmentation_layers(model_params, seed):
+        x = augmentation(x)
     for block, filters in enumerate(model_params.conv_filters, start=1):
+        batch_norm = model_params.block_batch_norm(block - 1)
         x = layers.Conv2D(
             filters,
             model_params.kernel_size,
             padding="same",
-            use_bias=not model_params.batch_norm,  # batch norm's beta replaces the bias
-            kernel_initializer=initializer(block),
+            use_bias=not batch_norm,  # batch norm's beta replaces the bias
+            kernel_initializer=kernel_initializer(model_params, seed + block),
+            kernel_regularizer=regularizer,
             name=f"block{block}_conv",
         )(x)
-        if model_params.batch_norm:
+        if batch_norm:
             x = layers.BatchNormalization(momentum=model_params.batch_norm_momentum, name=f"block{block}_bn")(x)
         x = layers.Activation("relu", name=f"block{block}_relu")(x)
         x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
-        if model_params.dropout > 0:
-            x = layers.Dropout(model_params.dropout, seed=seed + block, name=f"block{block}_dropout")(x)
+        dropout = model_params.block_dropout(block - 1)
+        if dropout > 0:
+            x = layers.Dropout(dropout, seed=seed + 10 * block, name=f"block{block}_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dense(model_params.dense_units, activation="relu", kernel_initializer=initializer(100), name="head_dense")(x)
+    x = layers.Dense(
+        model_params.dense_units,
+        kernel_initializer=kernel_initializer(model_params, seed + 100),
+        kernel_regularizer=regularizer,
+        name="head_dense",
+    )(x)
+    x = layers.Activation("relu", name="head_relu")(x)
     if model_params.head_dropout > 0:
         x = layers.Dropout(model_params.head_dropout, seed=seed + 100, name="head_dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer=initializer(101), name="probabilities")(x)
+    outputs = layers.Dense(
+        num_classes,
+        activation="softmax",
+        kernel_initializer=kernel_initializer(model_params, seed + 101),
+        kernel_regularizer=regularizer,
+        name="probabilities",
+    )(x)
     return keras.Model(inputs, outputs, name="cassava_cnn")
 
 

@@ -63,37 +63,104 @@ class DataParams(_Section):
 
 
 Initializer = Literal[
-    "glorot_uniform", "glorot_normal", "he_normal", "he_uniform", "lecun_normal", "orthogonal"
+    "glorot_uniform", "glorot_normal", "he_normal", "he_uniform", "lecun_normal", "orthogonal",
+    "random_normal", "zeros",  # deliberately bad, for ablations (lesson 1)
 ]
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class AugmentationParams(_Section):
+    """Random training-time augmentation layers (inactive at inference); 0 / "none" switches one off."""
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # fraction of a full turn, as keras RandomRotation
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    contrast: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
 class ModelParams(_Section):
     conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [16, 32, 64]
     kernel_size: Annotated[int, Field(ge=1, le=11)] = 3
-    batch_norm: bool = True
+    # One value for every block, or one per block.
+    batch_norm: bool | list[bool] = True
     # 0.9 rather than Keras' 0.99: with a few dozen steps per epoch the moving statistics must settle fast,
     # or validation runs on stale statistics and looks like chance.
     batch_norm_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    dropout: Rate | list[Rate] = 0.1
     dense_units: PositiveInt = 64
-    head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    head_dropout: Rate = 0.3
+    l2: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # L2 penalty on every conv and dense kernel
     initializer: Initializer = "glorot_uniform"
+    init_stddev: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0  # random_normal only
+    augmentation: AugmentationParams = AugmentationParams()
+
+    @model_validator(mode="after")
+    def _per_block_lists_match(self) -> "ModelParams":
+        for key in ("batch_norm", "dropout"):
+            value = getattr(self, key)
+            if isinstance(value, list) and len(value) != len(self.conv_filters):
+                raise ValueError(
+                    f"model.{key} = {value}: a list needs one entry per conv block "
+                    f"({len(self.conv_filters)}, as model.conv_filters), or give a single value"
+                )
+        return self
+
+    def block_batch_norm(self, block: int) -> bool:
+        return self.batch_norm[block] if isinstance(self.batch_norm, list) else self.batch_norm
+
+    def block_dropout(self, block: int) -> float:
+        return self.dropout[block] if isinstance(self.dropout, list) else self.dropout
 
 
 class EarlyStoppingParams(_Section):
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    enabled: bool = True
+    monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
     patience: Annotated[int, Field(ge=0)] = 4
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+    restore_best_weights: bool = True
+
+
+class ScheduleParams(_Section):
+    """Shape of `train.lr_schedule`; each schedule reads only its own keys."""
+
+    step_epochs: PositiveInt = 5  # step: multiply by step_factor every step_epochs
+    step_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    decay_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # exponential: fraction left after the planned epochs
+    warmup_epochs: Annotated[float, Field(ge=0.0)] = 1.0  # cosine: linear warm-up from 0
+    min_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01  # cosine: floor, as a fraction of learning_rate
+    plateau_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5  # plateau: on a stalled val_loss
+    plateau_patience: Annotated[int, Field(ge=0)] = 2
+
+
+class GradientParams(_Section):
+    clip: Literal["none", "norm", "value"] = "none"
+    clip_value: Annotated[float, Field(gt=0.0)] = 1.0
+    # The global gradient norm (on a fixed training batch, every epoch) is flagged outside these bounds.
+    vanishing_below: Annotated[float, Field(ge=0.0)] = 1e-6
+    exploding_above: Annotated[float, Field(gt=0.0)] = 1e3
 
 
 class TrainParams(_Section):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 15
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.002
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    lr_schedule: Literal["constant", "cosine", "exponential"] = "cosine"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0.0, le=1e6)] = 0.002
+    momentum: Rate = 0.9  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    beta_1: Rate = 0.9  # adam, adamw
+    beta_2: Rate = 0.999  # adam, adamw
+    epsilon: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-7
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.004  # adamw (decoupled)
+    rho: Rate = 0.9  # rmsprop
+    lr_schedule: Literal["constant", "step", "exponential", "cosine", "plateau"] = "cosine"
+    schedule: ScheduleParams = ScheduleParams()
+    gradients: GradientParams = GradientParams()
     early_stopping: EarlyStoppingParams = EarlyStoppingParams()
+    class_weight: Literal["none", "balanced"] = "none"
+    # Back up every epoch; a killed training started again continues from the last finished epoch.
+    resume: bool = True
     seed: int = 42
 
 

@@ -61,17 +61,25 @@ class PreparedData:
 
 
 def batched_dataset(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epochs: range | None = None,
 ) -> "tf.data.Dataset":
     """Batches of (float32 images in [0, 255], int32 labels) streamed from (memory-mapped) arrays.
 
     Only indices are shuffled in TensorFlow; pixels are gathered per batch by numpy in parallel map calls,
-    so memory stays bounded by a few batches whatever the split's size. Order is a function of `seed`
-    (reshuffled each epoch), so runs repeat exactly.
+    so memory stays bounded by a few batches whatever the split's size. With `epochs` (training), the
+    batches of those epochs follow each other and epoch e's order is a pure function of (seed, e): a
+    training resumed at epoch e sees exactly the batches an uninterrupted one would (use with
+    `steps_per_epoch`). Without it, shuffling reorders each time the data set is iterated.
     """
     import tensorflow as tf
 
     image_shape = tuple(images.shape[1:])
+    count = len(labels)
 
     def gather(batch_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.sort(batch_indices)  # ascending reads are sequential on disk
@@ -83,11 +91,17 @@ def batched_dataset(
         batch_labels.set_shape((None,))
         return batch_images, batch_labels
 
-    indices = tf.data.Dataset.range(len(labels))
-    if shuffle:
-        indices = indices.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return (
-        indices.batch(batch_size)
-        .map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    if shuffle and epochs is not None:
+        batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
+    else:
+        indices = tf.data.Dataset.range(count)
+        if shuffle:
+            indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        batches = indices.batch(batch_size)
+    return batches.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

@@ -202,6 +202,13 @@ def _resumable(client: MlflowClient, run_id: str, stage: str, params: dict[str, 
     )
 
 
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
 def reap_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark KILLED the runs left RUNNING by a process of this host that no longer exists (SIGKILL, power loss)."""
     host = socket.gethostname()
@@ -269,6 +276,8 @@ def stage_run(
     upstream_run_id, upstream_records = read_pointer(upstream_pointer)
     records = list(upstream_records)
 
+    if run_id and not _run_exists(client, run_id):
+        run_id = None  # e.g. a training backup whose run was deleted from the store
     candidate = run_id or upstream_run_id
     carried_over = not (candidate and (run_id or _resumable(client, candidate, stage, flat_params)))
     active = mlflow.start_run(
@@ -367,6 +376,13 @@ def log_series(run_id: str, series_csv: Path) -> None:
     ]
     for start in range(0, len(metrics), 1000):
         MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Tags set at once, while the stage still runs (e.g. the initialization verdict before any epoch)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def log_epoch_metrics(run_id: str, epoch: int, values: dict[str, float]) -> None:

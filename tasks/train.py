@@ -1,23 +1,28 @@
-"""Train stage: fit the classifier on the prepared splits with early stopping, checkpointing and NaN guard.
+"""Train stage: fit the classifier with the course's knobs (lessons 1-4) and their diagnostics.
 
-Seeded end to end (Python, NumPy, TensorFlow, op determinism, the input order), so the same params and data
-give the same metrics on CPU. Early stopping restores the best weights; the metrics reported as final are
-those of the restored model, recomputed, never the last epoch's.
+Seeded end to end (Python, NumPy, TensorFlow, op determinism, an epoch-indexed input order), so the same
+params and data give the same metrics on CPU, also when a killed training is started again: Keras'
+BackupAndRestore brings back weights, optimizer and epoch, and a small progress file next to it brings back
+the per-epoch history and the early-stopping state. When early stopping restores the best weights, the
+metrics reported as final are those of the restored model, recomputed, never the last epoch's.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from tasks.params import Params, TrainParams, workspace_root
+from tasks.params import Params, TrainParams, flatten_params, workspace_root
 from tasks.prepared import PreparedData, batched_dataset
 
 if TYPE_CHECKING:
@@ -25,22 +30,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+HISTORY_COLUMNS = (
+    "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "grad_norm", "gap_accuracy", "gap_loss",
+)
+PROBE_BATCH = 64  # images in the fixed batch used for initialization and gradient diagnostics
 
 
 @dataclass
 class TrainSummary:
     epochs_run: int
-    best_epoch: int  # 1-based, the epoch whose weights were restored
-    stopped_early: bool
-    best_val_loss: float
+    best_epoch: int  # 1-based, the epoch whose weights the final model has
+    stopped_epoch: int  # 1-based epoch where early stopping ended training, 0 if it ran all epochs
+    resumed_from_epoch: int  # 0 unless a killed training was continued
+    best_val_loss: float  # of the final (restored) model, recomputed
     best_val_accuracy: float
-    train_loss: float  # of the restored model on the training split (no dropout)
+    train_loss: float  # of the final model on the training split, inference mode
     train_accuracy: float
     seconds: float
+    gradient_flags: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        return {key: float(value) for key, value in asdict(self).items()}
+        return {key: float(value) for key, value in asdict(self).items() if key != "gradient_flags"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,14 +67,28 @@ def seed_everything(seed: int) -> None:
 
 
 def learning_rate_schedule(train: TrainParams, steps_per_epoch: int) -> "float | keras.optimizers.schedules.LearningRateSchedule":
+    """The per-step learning rate; `plateau` starts constant and is lowered by a callback."""
     import keras
 
+    schedule = train.schedule
     total_steps = max(1, train.epochs * steps_per_epoch)
-    if train.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=total_steps, alpha=0.01)
+    if train.lr_schedule == "step":
+        boundaries = list(range(schedule.step_epochs * steps_per_epoch, total_steps, schedule.step_epochs * steps_per_epoch))
+        values = [train.learning_rate * schedule.step_factor**index for index in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else train.learning_rate
     if train.lr_schedule == "exponential":
-        # Reaches 10% of the initial rate at the last planned epoch.
-        return keras.optimizers.schedules.ExponentialDecay(train.learning_rate, decay_steps=total_steps, decay_rate=0.1)
+        return keras.optimizers.schedules.ExponentialDecay(
+            train.learning_rate, decay_steps=total_steps, decay_rate=schedule.decay_rate
+        )
+    if train.lr_schedule == "cosine":
+        warmup_steps = min(int(round(schedule.warmup_epochs * steps_per_epoch)), total_steps - 1)
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup_steps else train.learning_rate,
+            decay_steps=total_steps - warmup_steps,
+            alpha=schedule.min_lr_fraction,
+            warmup_target=train.learning_rate if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
     return train.learning_rate
 
 
@@ -72,35 +96,189 @@ def build_optimizer(train: TrainParams, steps_per_epoch: int) -> "keras.optimize
     import keras
 
     rate = learning_rate_schedule(train, steps_per_epoch)
+    clipping: dict[str, float] = {}
+    if train.gradients.clip == "norm":
+        clipping["global_clipnorm"] = train.gradients.clip_value
+    elif train.gradients.clip == "value":
+        clipping["clipvalue"] = train.gradients.clip_value
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=train.momentum)
+        return keras.optimizers.SGD(rate, momentum=train.momentum, nesterov=train.nesterov, **clipping)
     if train.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(rate, momentum=train.momentum)
-    return keras.optimizers.Adam(rate)
+        return keras.optimizers.RMSprop(rate, rho=train.rho, momentum=train.momentum, epsilon=train.epsilon, **clipping)
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(
+            rate, weight_decay=train.weight_decay, beta_1=train.beta_1, beta_2=train.beta_2, epsilon=train.epsilon, **clipping
+        )
+    return keras.optimizers.Adam(rate, beta_1=train.beta_1, beta_2=train.beta_2, epsilon=train.epsilon, **clipping)
 
 
-def _epoch_logger(history_rows: list[dict[str, float]], on_epoch: EpochCallback | None) -> "keras.callbacks.Callback":
+def balanced_class_weight(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """n_samples / (n_classes * count) per class (scikit-learn's "balanced")."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    by_class = {int(label): float(weight) for label, weight in zip(present, weights)}
+    return {index: by_class.get(index, 1.0) for index in range(num_classes)}
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    return mode if mode != "auto" else ("max" if "accuracy" in monitor else "min")
+
+
+def best_epoch_of(history_rows: list[dict[str, float]], monitor: str, mode: str) -> int:
+    """1-based epoch with the best monitored value (the first, on ties): what the checkpoint holds."""
+    values = [row[monitor] for row in history_rows]
+    finite = [value if math.isfinite(value) else (math.inf if mode == "min" else -math.inf) for value in values]
+    best = min(finite) if mode == "min" else max(finite)
+    return finite.index(best) + 1
+
+
+# ----------------------------------------------------------------------------------------- resumable state
+
+
+@dataclass
+class Progress:
+    """What BackupAndRestore does not keep: history so far, early-stopping state, the MLflow run."""
+
+    fingerprint: str
+    run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    early_stopping: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def file(backup_dir: Path) -> Path:
+        return backup_dir / "progress.json"
+
+    def save(self, backup_dir: Path) -> None:
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.file(backup_dir).with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(self)))
+        temporary.replace(self.file(backup_dir))  # atomic: a kill never leaves half a file
+
+
+def training_fingerprint(params: Params, prepared: PreparedData) -> str:
+    """Identifies 'the same training': params and the exact training data (its manifest)."""
+    digest = hashlib.sha256(json.dumps(flatten_params(params), sort_keys=True).encode())
+    digest.update(prepared.manifest_file.read_bytes())
+    return digest.hexdigest()
+
+
+def load_progress(backup_dir: Path, fingerprint: str) -> Progress | None:
+    """The saved progress of this same training, or None (a different training's backup is discarded)."""
+    progress_file = Progress.file(backup_dir)
+    if progress_file.exists():
+        saved = Progress(**json.loads(progress_file.read_text()))
+        if saved.fingerprint == fingerprint and saved.history:
+            return saved
+        log.info("train: discarding a backup of a different training (params or data changed)")
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return None
+
+
+def _callbacks(
+    params: Params, progress: Progress, backup_dir: Path, checkpoint_file: Path,
+    probe: tuple[np.ndarray, np.ndarray], on_epoch: EpochCallback | None, divergence: list[str],
+) -> list["keras.callbacks.Callback"]:
     import keras
 
-    class EpochLogger(keras.callbacks.Callback):
-        """Records each epoch's metrics and the learning rate actually used, and hands them on (to MLflow)."""
+    from tasks.diagnostics import global_gradient_norm
+
+    stopping = params.train.early_stopping
+    mode = monitor_mode(stopping.monitor, stopping.mode)
+
+    class RecordingTerminateOnNaN(keras.callbacks.TerminateOnNaN):
+        """Stops at the first non-finite batch loss, as Keras does, and remembers that it did."""
+
+        def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            super().on_batch_end(batch, logs)
+            if self.model.stop_training and not math.isfinite(float((logs or {}).get("loss", math.nan))):
+                divergence.append(f"batch {batch + 1} of epoch {len(progress.history) + 1}")
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        """EarlyStopping whose counters survive a restart (Keras resets them at train begin)."""
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            super().on_train_begin(logs)
+            if progress.early_stopping:
+                self.best = progress.early_stopping["best"]
+                self.best_epoch = progress.early_stopping["best_epoch"]
+                self.wait = progress.early_stopping["wait"]
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """Per epoch: learning rate actually used, global gradient norm, generalization gap; saves progress
+        and hands the values on (to MLflow, live)."""
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             values = {key: float(value) for key, value in (logs or {}).items() if key in HISTORY_COLUMNS}
             values["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            history_rows.append({"epoch": epoch + 1, **values})
+            values["grad_norm"] = global_gradient_norm(self.model, *probe)
+            values["gap_accuracy"] = values["accuracy"] - values["val_accuracy"]
+            values["gap_loss"] = values["loss"] - values["val_loss"]
+            progress.history.append({"epoch": epoch + 1, **values})
+            if early_stopping is not None:
+                progress.early_stopping = {
+                    "best": float(early_stopping.best), "best_epoch": int(early_stopping.best_epoch), "wait": int(early_stopping.wait)
+                }
+            if params.train.resume:
+                progress.save(backup_dir)
             if on_epoch:
                 on_epoch(epoch + 1, values)
 
-    return EpochLogger()
+    early_stopping = None
+    callbacks: list[keras.callbacks.Callback] = [RecordingTerminateOnNaN()]
+    if params.train.resume:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False))
+    if stopping.enabled:
+        early_stopping = ResumableEarlyStopping(
+            monitor=stopping.monitor, mode=mode, patience=stopping.patience, min_delta=stopping.min_delta,
+            restore_best_weights=False,  # the best checkpoint is restored instead: it survives a restart
+        )
+        callbacks.append(early_stopping)
+    if params.train.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=params.train.schedule.plateau_factor, patience=params.train.schedule.plateau_patience
+        ))
+    best_so_far = None
+    if progress.history:
+        best_so_far = progress.history[best_epoch_of(progress.history, stopping.monitor, mode) - 1][stopping.monitor]
+    callbacks.append(keras.callbacks.ModelCheckpoint(
+        checkpoint_file, monitor=stopping.monitor, mode=mode, save_best_only=True, initial_value_threshold=best_so_far
+    ))
+    callbacks.append(EpochRecorder())
+    return callbacks
+
+
+def gradient_flags(history: list[dict[str, float]], vanishing_below: float, exploding_above: float) -> list[str]:
+    flags = []
+    for row in history:
+        norm = row.get("grad_norm", math.nan)
+        if not math.isfinite(norm) or norm > exploding_above:
+            flags.append(f"exploding at epoch {int(row['epoch'])} (norm {norm:.3g} > {exploding_above:g})")
+        elif norm < vanishing_below:
+            flags.append(f"vanishing at epoch {int(row['epoch'])} (norm {norm:.3g} < {vanishing_below:g})")
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingOutcome:
+    model: "keras.Model"
+    summary: TrainSummary
+    history: list[dict[str, float]]
 
 
 def train_classifier(
-    params: Params, prepared: PreparedData, checkpoint_file: Path, on_epoch: EpochCallback | None = None
-) -> tuple["keras.Model", TrainSummary, list[dict[str, float]]]:
-    """Fit a new classifier; return the restored best model, its summary and the per-epoch history."""
-    import time
-
+    params: Params,
+    prepared: PreparedData,
+    checkpoint_file: Path,
+    backup_dir: Path,
+    on_epoch: EpochCallback | None = None,
+    progress: Progress | None = None,
+) -> TrainingOutcome:
+    """Fit a new classifier (or continue `progress`); return the final model, its summary and history."""
     import keras
 
     from tasks.model import build_classifier
@@ -108,111 +286,149 @@ def train_classifier(
     seed_everything(params.train.seed)
     train_images, train_labels = prepared.split("train")
     val_images, val_labels = prepared.split("val")
+    class_count = len(prepared.class_names())
     batch_size = params.train.batch_size
-    train_batches = batched_dataset(train_images, train_labels, batch_size, shuffle=True, seed=params.train.seed)
-    val_batches = batched_dataset(val_images, val_labels, batch_size, shuffle=False, seed=params.train.seed)
-
-    model = build_classifier(params.model, params.data.image_size, len(prepared.class_names()), params.train.seed)
     steps_per_epoch = math.ceil(len(train_labels) / batch_size)
+    progress = progress or Progress(fingerprint=training_fingerprint(params, prepared))
+    first_epoch = len(progress.history)
+    probe = (np.asarray(train_images[:PROBE_BATCH], dtype=np.float32), train_labels[:PROBE_BATCH])
+
+    model = build_classifier(params.model, params.data.image_size, class_count, params.train.seed)
     model.compile(
-        optimizer=build_optimizer(params.train, steps_per_epoch),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    stopping = params.train.early_stopping
-    early_stopping = keras.callbacks.EarlyStopping(
-        monitor=stopping.monitor, patience=stopping.patience, min_delta=stopping.min_delta, restore_best_weights=True
+        optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
     checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
-    history_rows: list[dict[str, float]] = []
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        early_stopping,
-        keras.callbacks.ModelCheckpoint(checkpoint_file, monitor=stopping.monitor, save_best_only=True),
-        _epoch_logger(history_rows, on_epoch),
-    ]
-    started = time.perf_counter()
-    log.info("train: %d train / %d val images, %d epochs max, %s lr=%g (%s)", len(train_labels), len(val_labels),
-             params.train.epochs, params.train.optimizer, params.train.learning_rate, params.train.lr_schedule)
-    model.fit(
-        train_batches,
-        validation_data=val_batches,
-        epochs=params.train.epochs,
-        callbacks=callbacks,
-        verbose=2,  # one line per epoch: readable in logs, unlike a progress bar redrawn per step
-        shuffle=False,  # the input pipeline already reshuffles, seeded, each epoch
+    class_weight = balanced_class_weight(train_labels, class_count) if params.train.class_weight == "balanced" else None
+    log.info(
+        "train: %d train / %d val images, epochs %d-%d, %s lr=%g (%s)%s", len(train_labels), len(val_labels),
+        first_epoch + 1, params.train.epochs, params.train.optimizer, params.train.learning_rate,
+        params.train.lr_schedule, f", resuming after epoch {first_epoch}" if first_epoch else "",
     )
+    started = time.perf_counter()
+    divergence: list[str] = []
+    if first_epoch < params.train.epochs:
+        model.fit(
+            batched_dataset(train_images, train_labels, batch_size, shuffle=True, seed=params.train.seed,
+                            epochs=range(first_epoch, params.train.epochs)),
+            steps_per_epoch=steps_per_epoch,
+            validation_data=batched_dataset(val_images, val_labels, batch_size),
+            epochs=params.train.epochs,
+            class_weight=class_weight,
+            callbacks=_callbacks(params, progress, backup_dir, checkpoint_file, probe, on_epoch, divergence),
+            verbose=2,  # one line per epoch: readable in logs, unlike a progress bar redrawn per step
+            shuffle=False,  # the input pipeline orders each epoch itself (seeded, resumable)
+        )
     seconds = time.perf_counter() - started
-    if not history_rows or not all(math.isfinite(row.get("loss", math.nan)) for row in history_rows):
+    history = progress.history
+    if divergence or not history or not all(math.isfinite(row["loss"]) for row in history):
+        shutil.rmtree(backup_dir, ignore_errors=True)  # never resume into a diverged state
+        where = divergence[0] if divergence else "an epoch end"
         raise TrainingDiverged(
-            f"loss became NaN/inf at epoch {len(history_rows)} (train.learning_rate = {params.train.learning_rate}); "
-            "no model saved"
+            f"loss became NaN/inf at {where} (train.learning_rate = {params.train.learning_rate:g}); "
+            "training stopped, no model saved"
         )
 
-    unshuffled_train = batched_dataset(train_images, train_labels, batch_size, shuffle=False, seed=params.train.seed)
-    train_loss, train_accuracy = model.evaluate(unshuffled_train, verbose=0)
-    val_loss, val_accuracy = model.evaluate(val_batches, verbose=0)
+    stopping = params.train.early_stopping
+    mode = monitor_mode(stopping.monitor, stopping.mode)
+    best_epoch = len(history)
+    if stopping.enabled and stopping.restore_best_weights and checkpoint_file.exists():
+        best_epoch = best_epoch_of(history, stopping.monitor, mode)
+        model.set_weights(keras.saving.load_model(checkpoint_file).get_weights())
+    stopped_epoch = len(history) if len(history) < params.train.epochs else 0
+    train_loss, train_accuracy = model.evaluate(batched_dataset(train_images, train_labels, batch_size), verbose=0)
+    val_loss, val_accuracy = model.evaluate(batched_dataset(val_images, val_labels, batch_size), verbose=0)
     summary = TrainSummary(
-        epochs_run=len(history_rows),
-        best_epoch=early_stopping.best_epoch + 1,
-        stopped_early=early_stopping.stopped_epoch > 0,
-        best_val_loss=val_loss,
-        best_val_accuracy=val_accuracy,
-        train_loss=train_loss,
-        train_accuracy=train_accuracy,
+        epochs_run=len(history), best_epoch=best_epoch, stopped_epoch=stopped_epoch, resumed_from_epoch=first_epoch,
+        best_val_loss=val_loss, best_val_accuracy=val_accuracy, train_loss=train_loss, train_accuracy=train_accuracy,
         seconds=round(seconds, 2),
+        gradient_flags=gradient_flags(history, params.train.gradients.vanishing_below, params.train.gradients.exploding_above),
     )
-    log.info("train: restored epoch %d of %d: val_accuracy %.4f, val_loss %.4f", summary.best_epoch,
-             summary.epochs_run, val_accuracy, val_loss)
-    return model, summary, history_rows
+    log.info("train: final model = epoch %d of %d: val_accuracy %.4f, val_loss %.4f", best_epoch, len(history),
+             val_accuracy, val_loss)
+    return TrainingOutcome(model, summary, history)
 
 
 def save_training_outputs(
-    model: "keras.Model", summary: TrainSummary, history_rows: list[dict[str, float]], prepared: PreparedData,
-    model_dir: Path, history_file: Path, summary_file: Path,
+    outcome: TrainingOutcome, prepared: PreparedData, model_dir: Path, history_file: Path, summary_file: Path
 ) -> None:
     """The model (with an input example and its summary), the per-epoch history CSV, the summary JSON."""
     from tasks.model import model_summary
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    model.save(model_dir / "model.keras")
+    outcome.model.save(model_dir / "model.keras")
     val_images, _ = prepared.split("val")
     np.save(model_dir / "input_example.npy", np.asarray(val_images[:2], dtype=np.float32))
-    (model_dir / "model_summary.txt").write_text(model_summary(model) + "\n")
+    (model_dir / "model_summary.txt").write_text(model_summary(outcome.model) + "\n")
     with history_file.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(history_rows)
-    summary_file.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        writer.writerows(outcome.history)
+    summary_file.write_text(json.dumps(asdict(outcome.summary), indent=2) + "\n")
+
+
+def diagnose_initialization(params: Params, prepared: PreparedData, table: Path, plot: Path) -> "InitializationVerdict":
+    """Lesson 1, before any epoch: probe the freshly initialized model on a fixed batch, write table and plot."""
+    from tasks.diagnostics import judge_initialization, probe_initialization, write_initialization_report
+    from tasks.model import build_classifier
+
+    seed_everything(params.train.seed)
+    images, labels = prepared.split("train")
+    model = build_classifier(params.model, params.data.image_size, len(prepared.class_names()), params.train.seed)
+    statistics = probe_initialization(model, np.asarray(images[:PROBE_BATCH], dtype=np.float32), labels[:PROBE_BATCH])
+    verdict = judge_initialization(statistics)
+    write_initialization_report(statistics, verdict, table, plot)
+    (log.info if verdict.healthy else log.warning)("train: initialization %s: %s",
+                                                   "healthy" if verdict.healthy else "BAD", verdict.reason)
+    return verdict
+
+
+if TYPE_CHECKING:
+    from tasks.diagnostics import InitializationVerdict
 
 
 def run_train(params: Params, run_id: str | None = None) -> str:
-    """Stage entry (DVC command and Prefect task): train, log per-epoch metrics live, save and log the model."""
+    """Stage entry (DVC command and Prefect task): diagnose, train (resuming if a backup of this same
+    training exists, in its MLflow run), log per-epoch metrics live, save and log the model."""
     from tasks import layout
-    from tasks.tracking import StageRecord, log_epoch_metrics, stage_run
+    from tasks.tracking import StageRecord, log_epoch_metrics, set_run_tags, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
-    with stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER, run_id) as run:
-        model, summary, history = train_classifier(
-            params, prepared, root / layout.CHECKPOINT_FILE,
-            on_epoch=lambda epoch, values: log_epoch_metrics(run.run_id, epoch, values),
+    backup_dir = root / layout.BACKUP_DIR
+    progress = load_progress(backup_dir, training_fingerprint(params, prepared)) if params.train.resume else None
+    resumed_run = progress.run_id if progress else None
+    with stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER,
+                   run_id or resumed_run) as run:
+        progress = progress or Progress(fingerprint=training_fingerprint(params, prepared))
+        progress.run_id = run.run_id
+        verdict = diagnose_initialization(params, prepared, root / layout.INIT_DIAGNOSTICS_FILE,
+                                          root / layout.INIT_DIAGNOSTICS_PLOT)
+        set_run_tags(run.run_id, {"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
+                                  "cassava.init_reason": verdict.reason})
+        outcome = train_classifier(
+            params, prepared, root / layout.CHECKPOINT_FILE, backup_dir,
+            on_epoch=lambda epoch, values: log_epoch_metrics(run.run_id, epoch, values), progress=progress,
         )
-        save_training_outputs(
-            model, summary, history, prepared,
-            root / layout.MODEL_DIR, root / layout.HISTORY_FILE, root / layout.TRAIN_SUMMARY_FILE,
-        )
+        save_training_outputs(outcome, prepared, root / layout.MODEL_DIR, root / layout.HISTORY_FILE,
+                              root / layout.TRAIN_SUMMARY_FILE)
         run.complete(
             StageRecord(
                 "train",
-                metrics={f"train.{key}": value for key, value in summary.metrics().items()},
+                metrics={**{f"train.{key}": value for key, value in outcome.summary.metrics().items()},
+                         "init.variance_ratio": min(verdict.variance_ratio, 1e30)},
+                tags={"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
+                      "cassava.init_reason": verdict.reason,
+                      "cassava.gradient_flag": "; ".join(outcome.summary.gradient_flags) or "none"},
                 artifacts=[
                     (layout.HISTORY_FILE.as_posix(), "training"),
                     (layout.TRAIN_SUMMARY_FILE.as_posix(), "training"),
                     ((layout.MODEL_DIR / "model_summary.txt").as_posix(), "training"),
+                    (layout.INIT_DIAGNOSTICS_FILE.as_posix(), "diagnostics"),
+                    (layout.INIT_DIAGNOSTICS_PLOT.as_posix(), "diagnostics"),
                 ],
                 series_csv=layout.HISTORY_FILE.as_posix(),
                 model_dir=layout.MODEL_DIR.as_posix(),
             )
         )
+    shutil.rmtree(backup_dir, ignore_errors=True)  # finished: nothing left to resume
     return run.run_id
