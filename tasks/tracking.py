@@ -295,8 +295,13 @@ def stage_run(
                     mlflow.set_tag(TAG_PREFIX + "carried_over_from", upstream_run_id)
                 for record in upstream_records:
                     log_record(current, record, replay_series=True)
-            elif not client.get_run(current).data.params:
-                mlflow.log_params(flat_params)
+            else:
+                resumed = client.get_run(current)
+                if not resumed.data.params:
+                    mlflow.log_params(flat_params)
+                if TAG_PREFIX + "failure" in resumed.data.tags:  # continuing a killed stage: it is not failed now
+                    client.delete_tag(current, TAG_PREFIX + "failure")
+                    mlflow.set_tag(TAG_PREFIX + "resumed_after", resumed.data.tags[TAG_PREFIX + "failure"][:500])
             mlflow.set_tag(TAG_PREFIX + "stage", stage)
             handle = StageRun(current, stage, records)
             yield handle

@@ -137,6 +137,12 @@ def best_epoch_of(history_rows: list[dict[str, float]], monitor: str, mode: str)
 # ----------------------------------------------------------------------------------------- resumable state
 
 
+def seed_state_variables(model: "keras.Model") -> list:
+    """The model's random-generator states: its variables that are not weights."""
+    weight_ids = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weight_ids]
+
+
 @dataclass
 class Progress:
     """What BackupAndRestore does not keep: history so far, early-stopping state, the MLflow run."""
@@ -145,6 +151,9 @@ class Progress:
     run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     early_stopping: dict[str, Any] = field(default_factory=dict)
+    # Dropout / augmentation random-generator states: not among the weights BackupAndRestore saves, yet
+    # without them a resumed training draws other dropout masks and ends elsewhere.
+    seed_states: list[list[int]] = field(default_factory=list)
 
     @staticmethod
     def file(backup_dir: Path) -> Path:
@@ -216,6 +225,7 @@ def _callbacks(
             values["gap_accuracy"] = values["accuracy"] - values["val_accuracy"]
             values["gap_loss"] = values["loss"] - values["val_loss"]
             progress.history.append({"epoch": epoch + 1, **values})
+            progress.seed_states = [keras.ops.convert_to_numpy(state).tolist() for state in seed_state_variables(self.model)]
             if early_stopping is not None:
                 progress.early_stopping = {
                     "best": float(early_stopping.best), "best_epoch": int(early_stopping.best_epoch), "wait": int(early_stopping.wait)
@@ -297,6 +307,8 @@ def train_classifier(
     model.compile(
         optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
+    for state, saved in zip(seed_state_variables(model), progress.seed_states):
+        state.assign(np.asarray(saved, dtype=keras.ops.convert_to_numpy(state).dtype))
     checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
     class_weight = balanced_class_weight(train_labels, class_count) if params.train.class_weight == "balanced" else None
     log.info(

@@ -1,0 +1,128 @@
+"""Robust training: a killed training resumes in the same run with the same result; NaN fails cleanly;
+everything switched on at once still trains and logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tasks.data import run_acquire, run_prepare
+from tasks.layout import BACKUP_DIR, HISTORY_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
+from tasks.params import code_root, load_params
+from tasks.tracking import configure_tracking
+from tests.conftest import tiny_params_tree
+
+
+def _write_params(workspace: Path, *overrides: str) -> None:
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(list(overrides)), sort_keys=False))
+
+
+def _train_command(workspace: Path) -> tuple[list[str], dict[str, str]]:
+    environment = {**os.environ, "CASSAVA_WORKSPACE": str(workspace), "PYTHONPATH": str(code_root())}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return [sys.executable, "-m", "tasks.cli", "train"], environment
+
+
+def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(workspace: Path) -> None:
+    _write_params(workspace, "train.epochs=6", "train.early_stopping.patience=10", "data.synthetic.images_per_class=24")
+    params = load_params()
+    run_prepare(params, run_acquire(params))
+    command, environment = _train_command(workspace)
+    progress_file = workspace / BACKUP_DIR / "progress.json"
+
+    training = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if progress_file.exists() and len(json.loads(progress_file.read_text())["history"]) >= 2:
+            break
+        assert training.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(training.pid, signal.SIGKILL)  # as a power cut: no handler runs
+    training.wait()
+    killed = json.loads(progress_file.read_text())
+    finished_epochs = len(killed["history"])
+    assert 2 <= finished_epochs < 6
+
+    subprocess.run(command, env=environment, check=True, capture_output=True)
+    summary = json.loads((workspace / TRAIN_SUMMARY_FILE).read_text())
+    assert summary["resumed_from_epoch"] == finished_epochs and summary["epochs_run"] == 6
+    assert not (workspace / BACKUP_DIR).exists()
+    resumed_history = (workspace / HISTORY_FILE).read_text()
+
+    configure_tracking()
+    client = MlflowClient()
+    run = client.get_run(killed["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["cassava.stage.train"] == "done"
+    assert "cassava.failure" not in run.data.tags and "died" in run.data.tags["cassava.resumed_after"]
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
+
+    # The same training uninterrupted (no backup left, so it starts from scratch) ends identically.
+    subprocess.run(command, env=environment, check=True, capture_output=True)
+    uninterrupted = json.loads((workspace / TRAIN_SUMMARY_FILE).read_text())
+    assert uninterrupted["resumed_from_epoch"] == 0
+    assert (workspace / HISTORY_FILE).read_text() == resumed_history
+    for key in ("best_epoch", "best_val_loss", "best_val_accuracy", "train_loss"):
+        assert uninterrupted[key] == summary[key]
+
+
+def test_a_diverging_loss_fails_the_run_and_keeps_the_previous_model(workspace: Path) -> None:
+    from tasks.train import TrainingDiverged, run_train
+
+    _write_params(workspace, "train.optimizer=sgd", "train.learning_rate=100000", "train.lr_schedule=constant",
+                  "model.batch_norm=false")
+    params = load_params()
+    run_id = run_prepare(params, run_acquire(params))
+    previous_model = workspace / MODEL_DIR / "model.keras"
+    previous_model.parent.mkdir(parents=True)
+    previous_model.write_bytes(b"the model of an earlier, healthy run")
+
+    with pytest.raises(TrainingDiverged, match="loss became NaN/inf"):
+        run_train(params)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "TrainingDiverged: loss became NaN/inf" in run.data.tags["cassava.failure"]
+    assert "learning_rate = 100000" in run.data.tags["cassava.failure"]
+    assert previous_model.read_bytes() == b"the model of an earlier, healthy run"
+    assert not MlflowClient().search_logged_models([run.info.experiment_id])
+    assert not (workspace / BACKUP_DIR).exists()
+
+
+def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
+    from tasks.evaluate import run_evaluate
+    from tasks.train import run_train
+
+    _write_params(
+        workspace,
+        "model.initializer=he_normal", "model.batch_norm=[true, false]", "model.dropout=[0.1, 0.2]", "model.l2=0.0001",
+        "model.augmentation.flip=horizontal", "model.augmentation.rotation=0.05", "model.augmentation.zoom=0.1",
+        "model.augmentation.contrast=0.1", "model.augmentation.brightness=0.1",
+        "train.optimizer=sgd", "train.nesterov=true", "train.learning_rate=0.05", "train.lr_schedule=step",
+        "train.schedule.step_epochs=1", "train.schedule.step_factor=0.5", "train.gradients.clip=norm",
+        "train.class_weight=balanced", "train.early_stopping.monitor=val_accuracy", "train.early_stopping.mode=max",
+        "train.epochs=3",
+    )
+    params = load_params()
+    run_id = run_evaluate(params, run_train(params, run_prepare(params, run_acquire(params))))
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cassava.init_verdict"] == "healthy"
+    assert run.data.tags["cassava.gradient_flag"] == "none"
+    assert run.data.params["train.optimizer"] == "sgd" and run.data.params["model.dropout"] == "[0.1, 0.2]"
+    rates = [point.value for point in client.get_metric_history(run_id, "learning_rate")]
+    assert rates == pytest.approx([0.05, 0.025, 0.0125])
+    for key in ("grad_norm", "gap_accuracy", "gap_loss"):
+        assert len(client.get_metric_history(run_id, key)) == 3
+    assert {"train.best_epoch", "train.stopped_epoch", "init.variance_ratio", "test_accuracy"} <= set(run.data.metrics)
+    artifacts = {item.path for item in client.list_artifacts(run_id, "diagnostics")}
+    assert artifacts == {"diagnostics/init_diagnostics.csv", "diagnostics/init_diagnostics.png"}
