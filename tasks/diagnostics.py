@@ -74,7 +74,7 @@ def probe_initialization(model: "keras.Model", images: np.ndarray, labels: np.nd
 
 def judge_initialization(
     statistics: list[LayerStatistics],
-    max_step_ratio: float = 8.0,
+    max_step_ratio: float = 16.0,
     max_depth_ratio: float = 100.0,
     max_mean_to_std: float = 1.0,
 ) -> InitializationVerdict:

@@ -78,7 +78,7 @@ def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(wo
 def test_a_diverging_loss_fails_the_run_and_keeps_the_previous_model(workspace: Path) -> None:
     from tasks.train import TrainingDiverged, run_train
 
-    _write_params(workspace, "train.optimizer=sgd", "train.learning_rate=100000", "train.lr_schedule=constant",
+    _write_params(workspace, "train.optimizer=sgd", "train.learning_rate=1000000", "train.lr_schedule=constant",
                   "model.batch_norm=false")
     params = load_params()
     run_id = run_prepare(params, run_acquire(params))
@@ -91,7 +91,7 @@ def test_a_diverging_loss_fails_the_run_and_keeps_the_previous_model(workspace: 
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED"
     assert "TrainingDiverged: loss became NaN/inf" in run.data.tags["cassava.failure"]
-    assert "learning_rate = 100000" in run.data.tags["cassava.failure"]
+    assert "learning_rate = 1e+06" in run.data.tags["cassava.failure"]
     assert previous_model.read_bytes() == b"the model of an earlier, healthy run"
     assert not MlflowClient().search_logged_models([run.info.experiment_id])
     assert not (workspace / BACKUP_DIR).exists()
