@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.params import Params, workspace_root
+from tasks.params import EvaluateParams, Params, workspace_root
 from tasks.prepared import PreparedData, batched_dataset
 
 if TYPE_CHECKING:
     import keras
+
+    from tasks.analysis import ReportSection
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,8 @@ def predict_probabilities(model: "keras.Model", images: np.ndarray, batch_size: 
 
 
 def write_reports(evaluation: Evaluation, history_file: Path, reports_dir: Path) -> list[Path]:
-    """metrics.json, test_predictions.csv (actual,predicted), confusion_matrix.png, learning_curves.png."""
+    """metrics.json, test_predictions.csv (actual,predicted), figures/confusion_matrix.png and
+    figures/learning_curves.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +86,8 @@ def write_reports(evaluation: Evaluation, history_file: Path, reports_dir: Path)
         names = evaluation.class_names
         writer.writerows((names[a], names[p]) for a, p in zip(evaluation.actual, evaluation.predicted))
 
-    confusion_png = reports_dir / "confusion_matrix.png"
+    (reports_dir / "figures").mkdir(exist_ok=True)
+    confusion_png = reports_dir / "figures" / "confusion_matrix.png"
     figure, axis = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
     ConfusionMatrixDisplay(evaluation.confusion, display_labels=names).plot(ax=axis, colorbar=False, cmap="Greens")
     axis.set_title(f"Test confusion matrix (accuracy {evaluation.metrics['test_accuracy']:.3f})")
@@ -91,7 +95,7 @@ def write_reports(evaluation: Evaluation, history_file: Path, reports_dir: Path)
     figure.savefig(confusion_png, dpi=110)
     plt.close(figure)
 
-    curves_png = reports_dir / "learning_curves.png"
+    curves_png = reports_dir / "figures" / "learning_curves.png"
     _plot_learning_curves(history_file, curves_png)
     return [metrics_file, predictions_file, confusion_png, curves_png]
 
@@ -116,28 +120,150 @@ def _plot_learning_curves(history_file: Path, output: Path) -> None:
     plt.close(figure)
 
 
+def explain_model(
+    model: "keras.Model", prepared: PreparedData, probabilities: np.ndarray, evaluation: Evaluation,
+    settings: "EvaluateParams", figures_dir: Path,
+) -> tuple[dict[str, float], list["ReportSection"], dict[str, object]]:
+    """The course's failure cases, measured on the test split: calibration, most confidently wrong images,
+    rotation and blur robustness, sharp vs blurry, Grad-CAM saliency, train/test distribution shift.
+    Returns metrics, report sections and the details written as JSON."""
+    from tasks import analysis
+    from tasks.analysis import ReportSection
+
+    test_images, test_labels = prepared.split("test")
+    names = evaluation.class_names
+    metrics = analysis.extra_classification_metrics(probabilities, test_labels, names)
+    metrics["test_expected_calibration_error"] = analysis.expected_calibration_error(
+        probabilities, test_labels, settings.calibration_bins
+    )
+    confusion_png = analysis.plot_normalised_confusion(evaluation.confusion, names, figures_dir / "confusion_normalised.png")
+    reliability_png = analysis.plot_reliability_diagram(
+        probabilities, test_labels, figures_dir / "reliability_diagram.png", settings.calibration_bins
+    )
+    gallery_png = figures_dir / "confidently_wrong.png"
+    wrong = analysis.plot_confidently_wrong(test_images, probabilities, test_labels, names, gallery_png, settings.gallery_size)
+
+    predict = analysis.prediction_function(model, settings.batch_size)
+    curves = {
+        "rotation (degrees)": analysis.robustness_curve(predict, test_images, test_labels, analysis.rotate_images,
+                                                        settings.rotation_angles),
+        "horizontal flip": analysis.robustness_curve(
+            predict, test_images, test_labels, lambda images, flip: analysis.flip_images(images) if flip else images, [0, 1]
+        ),
+        "blur (sigma)": analysis.robustness_curve(predict, test_images, test_labels, analysis.blur_images,
+                                                  settings.blur_sigmas),
+    }
+    robustness_png = analysis.plot_robustness_curves(curves, figures_dir / "robustness.png")
+    for key, prefix in (("rotation (degrees)", "rotation"), ("blur (sigma)", "blur")):
+        metrics[f"test_accuracy_{prefix}_max"] = curves[key][-1]["accuracy"]
+    metrics["test_accuracy_flipped"] = curves["horizontal flip"][-1]["accuracy"]
+
+    sharpness = analysis.accuracy_by_sharpness(
+        evaluation.predicted, test_labels, analysis.manifest_blur_scores(prepared.manifest_file, "test"),
+        settings.sharpness_threshold,
+    )
+    metrics["test_sharp_accuracy"] = sharpness["sharp_accuracy"]
+    metrics["test_blurry_accuracy"] = sharpness["blurry_accuracy"]
+
+    sample = analysis.sample_per_class(test_labels, settings.saliency_per_class, settings.seed)
+    saliency_png = figures_dir / "saliency.png"
+    if sample:
+        predicted = evaluation.predicted[sample]
+        heatmaps = analysis.saliency_maps(model, test_images[sample], predicted)
+        titles = [f"true {names[test_labels[i]]} / pred {names[p]}" for i, p in zip(sample, predicted)]
+        analysis.plot_saliency_grid(test_images[sample], heatmaps, titles, saliency_png)
+
+    train_images, _ = prepared.split("train")
+    shift = analysis.distribution_shift(
+        train_images, test_images, analysis.embedding_function(model, "pool", settings.batch_size), settings.seed,
+        settings.shift_auc_threshold,
+    )
+    metrics["test_shift_auc"] = shift["classifier_auc"]
+
+    sections = [
+        ReportSection("Confusion matrix", "Rows: true class, normalised to 1.", confusion_png),
+        ReportSection("Calibration", f"Expected calibration error: {metrics['test_expected_calibration_error']:.4f}.",
+                      reliability_png),
+        ReportSection("Robustness", "Unfamiliar poses and poor focus: accuracy as the test images are rotated, "
+                      "flipped or blurred.", robustness_png, analysis.robustness_table(curves)),
+        ReportSection("Sharp vs blurry", "Test images split by the variance-of-Laplacian blur score.", None, sharpness),
+        ReportSection("Most confidently wrong", f"{len(wrong)} test images the model got wrong with the most confidence.",
+                      gallery_png if wrong else None),
+        ReportSection("Saliency", "Grad-CAM on the last convolutional block, for a fixed sample per class.",
+                      saliency_png if sample else None),
+        ReportSection("Distribution shift", f"Train vs test: {shift['verdict']} (classifier AUC "
+                      f"{shift['classifier_auc']:.3f}, threshold {settings.shift_auc_threshold}).", None,
+                      {key: value for key, value in shift.items() if not isinstance(value, (list, dict))}),
+    ]
+    details = {"robustness": curves, "sharpness": sharpness, "distribution_shift": shift, "confidently_wrong": wrong}
+    return metrics, sections, details
+
+
+def limited_data_curve(params: Params, prepared: PreparedData, figures_dir: Path) -> tuple[list[dict], Path]:
+    """Lesson "limited data": retrain on nested, stratified fractions of the training split; test accuracy each."""
+    import tempfile
+
+    from tasks import analysis
+    from tasks.train import train_classifier
+
+    _, train_labels = prepared.split("train")
+    test_images, test_labels = prepared.split("test")
+    points = []
+    subsets = analysis.learning_curve_fractions(train_labels, params.evaluate.learning_curve_fractions, params.evaluate.seed)
+    for fraction, indices in subsets.items():
+        with tempfile.TemporaryDirectory() as scratch:
+            outcome = train_classifier(params, prepared, Path(scratch) / "best.keras", Path(scratch) / "backup",
+                                       train_indices=indices)
+        probabilities = predict_probabilities(outcome.model, test_images, params.evaluate.batch_size)
+        accuracy = float((probabilities.argmax(axis=1) == test_labels).mean())
+        points.append({"fraction": fraction, "train_images": len(indices), "test_accuracy": accuracy})
+        log.info("evaluate: learning curve: %d training images -> test accuracy %.4f", len(indices), accuracy)
+    return points, analysis.plot_learning_curve(points, figures_dir / "learning_curve_data.png")
+
+
 def run_evaluate(params: Params, run_id: str | None = None) -> str:
-    """Stage entry (DVC command and Prefect task): score the trained model on the test split and log it."""
+    """Stage entry (DVC command and Prefect task): score the trained model on the test split, explain it,
+    write the HTML report and log everything."""
     import keras
 
     from tasks import layout
+    from tasks.analysis import ReportSection, write_html_report
     from tasks.tracking import StageRecord, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
+    reports_dir = root / layout.REPORTS_DIR
     with stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
         model = keras.saving.load_model(root / layout.MODEL_DIR / "model.keras")
         test_images, test_labels = prepared.split("test")
         probabilities = predict_probabilities(model, test_images, params.evaluate.batch_size)
         evaluation = score_predictions(probabilities, test_labels, prepared.class_names(), params.evaluate.top_k)
-        written = write_reports(evaluation, root / layout.HISTORY_FILE, root / layout.REPORTS_DIR)
-        log.info("evaluate: test accuracy %.4f, macro F1 %.4f on %d images", evaluation.metrics["test_accuracy"],
-                 evaluation.metrics["test_macro_f1"], len(test_labels))
+        written = write_reports(evaluation, root / layout.HISTORY_FILE, reports_dir)
+        figures_dir = reports_dir / "figures"
+        extra_metrics, sections, details = explain_model(model, prepared, probabilities, evaluation, params.evaluate, figures_dir)
+        evaluation.metrics.update(extra_metrics)
+        if params.evaluate.learning_curve:
+            points, curve_png = limited_data_curve(params, prepared, figures_dir)
+            sections.append(ReportSection("Learning curve", "Test accuracy against the amount of training data.",
+                                          curve_png, points))
+            details["learning_curve"] = points
+        (reports_dir / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=2, sort_keys=True) + "\n")
+        details_file = reports_dir / "failure_analysis.json"
+        details_file.write_text(json.dumps(details, indent=2, default=float) + "\n")
+        report = write_html_report(
+            reports_dir / "report.html", f"cassava-pipeline evaluation — run {run.run_id}",
+            evaluation.metrics, [ReportSection("Learning curves", "", figures_dir / "learning_curves.png"), *sections],
+        )
+        log.info("evaluate: test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images; report %s",
+                 evaluation.metrics["test_accuracy"], evaluation.metrics["test_macro_f1"],
+                 evaluation.metrics["test_expected_calibration_error"], len(test_labels), report)
+        artifacts = {path.resolve() for path in [*written, details_file, report, *figures_dir.glob("*.png")]}
         run.complete(
             StageRecord(
                 "evaluate",
                 metrics=evaluation.metrics,
-                artifacts=[(path.relative_to(root).as_posix(), "evaluation") for path in written],
+                tags={"cassava.shift_verdict": str(details["distribution_shift"]["verdict"])},
+                artifacts=sorted((path.relative_to(root.resolve()).as_posix(), "evaluation") for path in artifacts),
             )
         )
     return run.run_id

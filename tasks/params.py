@@ -167,6 +167,17 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 128
     top_k: Annotated[int, Field(ge=1)] = 2
+    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 15
+    gallery_size: Annotated[int, Field(ge=0, le=100)] = 12  # most confidently wrong test images shown
+    # Unfamiliar poses and poor focus: accuracy of the test split rotated / blurred by each strength.
+    rotation_angles: Annotated[list[Annotated[float, Field(ge=-360, le=360)]], Field(min_length=1)] = [0, 15, 30, 60, 90]
+    blur_sigmas: Annotated[list[Annotated[float, Field(ge=0, le=50)]], Field(min_length=1)] = [0, 1, 2, 3]
+    sharpness_threshold: Annotated[float, Field(ge=0)] | None = None  # None: the test split's median blur score
+    saliency_per_class: Annotated[int, Field(ge=0, le=20)] = 2
+    shift_auc_threshold: Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
+    learning_curve: bool = False  # retrains on fractions of the training split: costs a training per fraction
+    learning_curve_fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [0.1, 0.25, 0.5, 1.0]
+    seed: int = 0
 
 
 class TrackingParams(_Section):

@@ -287,14 +287,18 @@ def train_classifier(
     backup_dir: Path,
     on_epoch: EpochCallback | None = None,
     progress: Progress | None = None,
+    train_indices: np.ndarray | None = None,
 ) -> TrainingOutcome:
-    """Fit a new classifier (or continue `progress`); return the final model, its summary and history."""
+    """Fit a new classifier (or continue `progress`); return the final model, its summary and history.
+    `train_indices` trains on that subset of the training split (the limited-data learning curve)."""
     import keras
 
     from tasks.model import build_classifier
 
     seed_everything(params.train.seed)
     train_images, train_labels = prepared.split("train")
+    if train_indices is not None:
+        train_images, train_labels = train_images[np.sort(train_indices)], train_labels[np.sort(train_indices)]
     val_images, val_labels = prepared.split("val")
     class_count = len(prepared.class_names())
     batch_size = params.train.batch_size

@@ -66,7 +66,13 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
                  for item in client.list_artifacts(run.info.run_id, folder)}
     assert {"data/data_report.json", "data/split_manifest.csv", "data/.acquire_report.json",
             "training/history.csv", "training/model_summary.txt",
-            "evaluation/confusion_matrix.png", "evaluation/learning_curves.png", "evaluation/metrics.json"} <= artifacts
+            "evaluation/confusion_matrix.png", "evaluation/learning_curves.png", "evaluation/metrics.json",
+            "evaluation/report.html", "evaluation/reliability_diagram.png", "evaluation/robustness.png",
+            "evaluation/saliency.png", "evaluation/failure_analysis.json"} <= artifacts
+    assert {"test_expected_calibration_error", "test_roc_auc_ovr", "test_weighted_f1", "test_shift_auc",
+            "test_accuracy_rotation_max", "test_sharp_accuracy"} <= set(metrics)
+    assert tags["cassava.shift_verdict"] in ("shift detected", "no shift detected")
+    assert tags["cassava.init_verdict"] == "healthy"
     assert [dataset.dataset.digest for dataset in run.inputs.dataset_inputs] == [tags["cassava.data_version"][:32]]
 
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")

@@ -53,4 +53,4 @@ def test_reports_for_dvc_and_mlflow(tmp_path: Path) -> None:
     with (tmp_path / "reports/test_predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert rows[1] == {"actual": "cbb", "predicted": "cmd"} and len(rows) == 6
-    assert (tmp_path / "reports/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "reports/figures/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
