@@ -266,4 +266,15 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
                 artifacts=sorted((path.relative_to(root.resolve()).as_posix(), "evaluation") for path in artifacts),
             )
         )
+        if params.registry.enabled:
+            from tasks.register import gate_and_register
+            from tasks.tracking import dvc_data_version
+
+            gate = gate_and_register(
+                run.run_id, params.registry.model_name, params.registry.metric, params.registry.minimum,
+                test_images, test_labels, prepared.class_names(),
+                data_version=dvc_data_version(root / layout.PREPARED_DIR),
+                top_k=params.evaluate.top_k, batch_size=params.evaluate.batch_size,
+            )
+            log.info("evaluate: registry gate: %s", gate.decision.reason)
     return run.run_id

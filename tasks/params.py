@@ -180,6 +180,16 @@ class EvaluateParams(_Section):
     seed: int = 0
 
 
+class RegistryParams(_Section):
+    """The registry gate: register the model and move the `champion` alias only if it passes `minimum` and
+    beats the current champion on the same test split (higher `metric` is better)."""
+
+    enabled: bool = True
+    model_name: str = "cassava-classifier"
+    metric: str = "test_macro_f1"
+    minimum: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+
+
 class TrackingParams(_Section):
     # None: one experiment per data source ("cassava-synthetic", "cassava-csv", ...).
     experiment_name: str | None = None
@@ -192,6 +202,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
 
 

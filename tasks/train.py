@@ -145,19 +145,22 @@ def seed_state_variables(model: "keras.Model") -> list:
 
 @dataclass
 class Progress:
-    """What BackupAndRestore does not keep: history so far, early-stopping state, the MLflow run."""
+    """What BackupAndRestore does not keep: the history so far, and per finished epoch a snapshot of the
+    callbacks' counters (early stopping, reduce-on-plateau) and the random-generator states of dropout and
+    augmentation. Without them a resumed training would stop, decay or draw masks differently."""
 
     fingerprint: str
     run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    early_stopping: dict[str, Any] = field(default_factory=dict)
-    # Dropout / augmentation random-generator states: not among the weights BackupAndRestore saves, yet
-    # without them a resumed training draws other dropout masks and ends elsewhere.
-    seed_states: list[list[int]] = field(default_factory=list)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # aligned with history
 
     @staticmethod
     def file(backup_dir: Path) -> Path:
         return backup_dir / "progress.json"
+
+    @property
+    def latest(self) -> dict[str, Any]:
+        return self.snapshots[-1] if self.snapshots else {}
 
     def save(self, backup_dir: Path) -> None:
         backup_dir.mkdir(parents=True, exist_ok=True)
@@ -173,14 +176,26 @@ def training_fingerprint(params: Params, prepared: PreparedData) -> str:
     return digest.hexdigest()
 
 
+def _backed_up_epochs(backup_dir: Path) -> int:
+    """Epochs whose weights BackupAndRestore holds (its own metadata file), 0 if none."""
+    metadata = backup_dir / "training_metadata.json"
+    if not (metadata.exists() and (backup_dir / "latest.weights.h5").exists()):
+        return 0
+    return int(json.loads(metadata.read_text())["epoch"])
+
+
 def load_progress(backup_dir: Path, fingerprint: str) -> Progress | None:
-    """The saved progress of this same training, or None (a different training's backup is discarded)."""
+    """The saved progress of this same training, cut to the epochs whose weights are backed up (a kill can
+    fall between the two saves), or None: a different training's or an inconsistent backup is discarded."""
     progress_file = Progress.file(backup_dir)
     if progress_file.exists():
         saved = Progress(**json.loads(progress_file.read_text()))
-        if saved.fingerprint == fingerprint and saved.history:
+        epochs = _backed_up_epochs(backup_dir)
+        if saved.fingerprint != fingerprint:
+            log.info("train: discarding a backup of a different training (params or data changed)")
+        elif 0 < epochs <= len(saved.history):
+            saved.history, saved.snapshots = saved.history[:epochs], saved.snapshots[:epochs]
             return saved
-        log.info("train: discarding a backup of a different training (params or data changed)")
     shutil.rmtree(backup_dir, ignore_errors=True)
     return None
 
@@ -204,15 +219,24 @@ def _callbacks(
             if self.model.stop_training and not math.isfinite(float((logs or {}).get("loss", math.nan))):
                 divergence.append(f"batch {batch + 1} of epoch {len(progress.history) + 1}")
 
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-        """EarlyStopping whose counters survive a restart (Keras resets them at train begin)."""
+    class Resumable:
+        """Mixin: after Keras resets a callback at train begin, put back its counters from the last snapshot."""
+
+        counters: tuple[str, ...] = ()
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             super().on_train_begin(logs)
-            if progress.early_stopping:
-                self.best = progress.early_stopping["best"]
-                self.best_epoch = progress.early_stopping["best_epoch"]
-                self.wait = progress.early_stopping["wait"]
+            for name, value in progress.latest.get(type(self).__name__, {}).items():
+                setattr(self, name, value)
+
+        def snapshot(self) -> dict[str, float]:
+            return {name: float(getattr(self, name)) for name in self.counters}
+
+    class ResumableEarlyStopping(Resumable, keras.callbacks.EarlyStopping):
+        counters = ("best", "best_epoch", "wait")
+
+    class ResumableReduceLROnPlateau(Resumable, keras.callbacks.ReduceLROnPlateau):
+        counters = ("best", "wait", "cooldown_counter")
 
     class EpochRecorder(keras.callbacks.Callback):
         """Per epoch: learning rate actually used, global gradient norm, generalization gap; saves progress
@@ -225,28 +249,22 @@ def _callbacks(
             values["gap_accuracy"] = values["accuracy"] - values["val_accuracy"]
             values["gap_loss"] = values["loss"] - values["val_loss"]
             progress.history.append({"epoch": epoch + 1, **values})
-            progress.seed_states = [keras.ops.convert_to_numpy(state).tolist() for state in seed_state_variables(self.model)]
-            if early_stopping is not None:
-                progress.early_stopping = {
-                    "best": float(early_stopping.best), "best_epoch": int(early_stopping.best_epoch), "wait": int(early_stopping.wait)
-                }
+            snapshot: dict[str, Any] = {type(c).__name__: c.snapshot() for c in callbacks if isinstance(c, Resumable)}
+            snapshot["seed_states"] = [keras.ops.convert_to_numpy(state).tolist() for state in seed_state_variables(self.model)]
+            progress.snapshots.append(snapshot)
             if params.train.resume:
                 progress.save(backup_dir)
             if on_epoch:
                 on_epoch(epoch + 1, values)
 
-    early_stopping = None
     callbacks: list[keras.callbacks.Callback] = [RecordingTerminateOnNaN()]
-    if params.train.resume:
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False))
     if stopping.enabled:
-        early_stopping = ResumableEarlyStopping(
+        callbacks.append(ResumableEarlyStopping(
             monitor=stopping.monitor, mode=mode, patience=stopping.patience, min_delta=stopping.min_delta,
             restore_best_weights=False,  # the best checkpoint is restored instead: it survives a restart
-        )
-        callbacks.append(early_stopping)
+        ))
     if params.train.lr_schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+        callbacks.append(ResumableReduceLROnPlateau(
             monitor="val_loss", factor=params.train.schedule.plateau_factor, patience=params.train.schedule.plateau_patience
         ))
     best_so_far = None
@@ -255,7 +273,11 @@ def _callbacks(
     callbacks.append(keras.callbacks.ModelCheckpoint(
         checkpoint_file, monitor=stopping.monitor, mode=mode, save_best_only=True, initial_value_threshold=best_so_far
     ))
-    callbacks.append(EpochRecorder())
+    callbacks.append(EpochRecorder())  # after the callbacks whose counters it snapshots
+    if params.train.resume:
+        # Last, so the progress file is never behind the weights; double_checkpoint keeps the previous epoch's
+        # weights should a kill interrupt the write of the latest.
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False))
     return callbacks
 
 
@@ -311,7 +333,7 @@ def train_classifier(
     model.compile(
         optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
-    for state, saved in zip(seed_state_variables(model), progress.seed_states):
+    for state, saved in zip(seed_state_variables(model), progress.latest.get("seed_states", [])):
         state.assign(np.asarray(saved, dtype=keras.ops.convert_to_numpy(state).dtype))
     checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
     class_weight = balanced_class_weight(train_labels, class_count) if params.train.class_weight == "balanced" else None

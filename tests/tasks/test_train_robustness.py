@@ -26,6 +26,11 @@ def _write_params(workspace: Path, *overrides: str) -> None:
     (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(list(overrides)), sort_keys=False))
 
 
+def _run_to_completion(command: list[str], environment: dict[str, str]) -> None:
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def _train_command(workspace: Path) -> tuple[list[str], dict[str, str]]:
     environment = {**os.environ, "CASSAVA_WORKSPACE": str(workspace), "PYTHONPATH": str(code_root())}
     environment.pop("MLFLOW_TRACKING_URI", None)
@@ -53,7 +58,7 @@ def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(wo
     finished_epochs = len(killed["history"])
     assert 2 <= finished_epochs < 6
 
-    subprocess.run(command, env=environment, check=True, capture_output=True)
+    _run_to_completion(command, environment)
     summary = json.loads((workspace / TRAIN_SUMMARY_FILE).read_text())
     assert summary["resumed_from_epoch"] == finished_epochs and summary["epochs_run"] == 6
     assert not (workspace / BACKUP_DIR).exists()
@@ -67,7 +72,7 @@ def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(wo
     assert [point.step for point in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
 
     # The same training uninterrupted (no backup left, so it starts from scratch) ends identically.
-    subprocess.run(command, env=environment, check=True, capture_output=True)
+    _run_to_completion(command, environment)
     uninterrupted = json.loads((workspace / TRAIN_SUMMARY_FILE).read_text())
     assert uninterrupted["resumed_from_epoch"] == 0
     assert (workspace / HISTORY_FILE).read_text() == resumed_history

@@ -1,0 +1,244 @@
+"""Batch prediction: classify a folder of images with a logged or registered MLflow model, into a CSV.
+
+The model is loaded as an MLflow pyfunc (`models:/cassava-classifier@champion` or `runs:/<run id>/model`), so
+prediction feeds it exactly what serving feeds it. Images go through `tasks.images.load_rgb_image` at the size
+the model's signature declares: the same preprocessing as preparation, by construction. Class names come from
+the `cassava.classes` tag of the run that logged the model.
+
+    python -m tasks.predict photos/                                   # champion of cassava-classifier
+    python -m tasks.predict photos/ --model runs:/<run id>/model --output photos.csv
+
+Writes `predictions.csv` (file, class, confidence, p_<class>...) and, next to it, `predictions.skipped.csv`
+(file, reason) for files that could not be read; both are replaced atomically, so a failed prediction never
+leaves half a CSV. Importing this module loads neither TensorFlow nor MLflow: `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
+
+import typer
+
+from tasks.register import CHAMPION_ALIAS, CLASSES_TAG, DEFAULT_MODEL_NAME
+
+if TYPE_CHECKING:
+    import numpy as np
+    from mlflow.pyfunc import PyFuncModel
+
+log = logging.getLogger("tasks.predict")  # also under `python -m tasks.predict`, where __name__ is __main__
+
+DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION_ALIAS}"
+SKIPPED_COLUMNS = ("file", "reason")
+
+
+class PredictionError(RuntimeError):
+    """The model cannot be used for prediction (no signature, unknown class names); str() says why."""
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    file: str  # relative to the predicted folder
+    reason: str
+
+
+@dataclass
+class PredictionSummary:
+    model_uri: str
+    run_id: str  # the run that logged the model (its class names)
+    class_names: list[str]
+    image_size: int
+    output_csv: Path
+    skipped_csv: Path
+    predicted: int = 0
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def skipped_csv_for(output_csv: Path) -> Path:
+    """Where the skipped files of `output_csv` are listed: `<name>.skipped.csv` next to it."""
+    return output_csv.with_name(f"{output_csv.stem}.skipped.csv")
+
+
+def prediction_columns(class_names: Sequence[str]) -> list[str]:
+    return ["file", "class", "confidence", *(f"p_{name}" for name in class_names)]
+
+
+def load_model(model_uri: str) -> "PyFuncModel":
+    """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at."""
+    import mlflow
+
+    from tasks.tracking import configure_tracking
+
+    configure_tracking()
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def model_image_size(model: "PyFuncModel") -> int:
+    """S of the model's N x S x S x 3 input, from its signature."""
+    schema = model.metadata.get_input_schema()
+    shape = tuple(schema.inputs[0].shape) if schema and schema.is_tensor_spec() else ()
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] <= 0:
+        raise PredictionError(f"the model's input signature is {shape or 'missing'}: expected (-1, S, S, 3)")
+    return int(shape[1])
+
+
+def model_class_names(model: "PyFuncModel") -> tuple[str, list[str]]:
+    """(run id, class names) of the run that logged the model.
+
+    A model's metadata names its run whichever URI loaded it (for `models:/name@alias`, the version's run).
+    """
+    from mlflow import MlflowClient
+
+    run_id = model.metadata.run_id
+    if not run_id:
+        raise PredictionError("the model was not logged in an MLflow run, so its class names are unknown")
+    classes = MlflowClient().get_run(run_id).data.tags.get(CLASSES_TAG)
+    if not classes:
+        raise PredictionError(f"run {run_id} has no {CLASSES_TAG} tag, so the model's class names are unknown")
+    return run_id, classes.split(",")
+
+
+@contextlib.contextmanager
+def _keras_progress_bars_off() -> Iterator[None]:
+    # A Keras pyfunc calls model.predict() with its default progress bar: one bar per batch on stdout.
+    import keras
+
+    enabled = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if enabled:
+            keras.config.enable_interactive_logging()
+
+
+def predict_batches(model: "PyFuncModel", images: "np.ndarray", batch_size: int) -> "np.ndarray":
+    """Class probabilities of N x S x S x 3 images (any numeric dtype, values in [0, 255]), batch by batch,
+    so a memory-mapped split is never loaded whole."""
+    import numpy as np
+
+    outputs = []
+    with _keras_progress_bars_off():
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+            outputs.append(np.asarray(model.predict(batch)))
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@contextlib.contextmanager
+def _atomic_csv(path: Path) -> Iterator[Any]:
+    """A csv.writer on a temporary file that replaces `path` only once everything was written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with temporary.open("w", newline="") as handle:
+            yield csv.writer(handle)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: int = 64) -> PredictionSummary:
+    """Classify every file under `folder` (recursively); unreadable files are skipped with their reason.
+
+    Rows are written as batches are predicted, so memory stays bounded by one batch whatever the folder's size.
+    """
+    import numpy as np
+
+    from tasks.images import UnreadableImage, list_image_files, load_rgb_image
+
+    folder, output_csv = Path(folder), Path(output_csv)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    model = load_model(model_uri)
+    image_size = model_image_size(model)
+    run_id, class_names = model_class_names(model)
+    summary = PredictionSummary(model_uri, run_id, class_names, image_size, output_csv, skipped_csv_for(output_csv))
+    # The outputs may be written inside the folder; a second prediction must not read them as images.
+    own_files = {summary.output_csv.resolve(), summary.skipped_csv.resolve()}
+    files = [path for path in list_image_files(folder) if path.resolve() not in own_files]
+    log.info("predict: %d files in %s, model %s (run %s), %dx%d input", len(files), folder, model_uri, run_id,
+             image_size, image_size)
+
+    with _atomic_csv(output_csv) as rows:
+        rows.writerow(prediction_columns(class_names))
+        for chunk in _chunks(files, batch_size):
+            names, pixels = [], []
+            for path in chunk:
+                name = path.relative_to(folder).as_posix()
+                try:
+                    pixels.append(load_rgb_image(path, image_size).pixels)
+                except UnreadableImage as reason:
+                    log.warning("predict: skipped %s: %s", name, reason)
+                    summary.skipped.append(SkippedFile(name, str(reason)))
+                    continue
+                names.append(name)
+            if not names:
+                continue
+            probabilities = predict_batches(model, np.stack(pixels), batch_size)
+            if probabilities.shape[1] != len(class_names):
+                raise PredictionError(
+                    f"the model outputs {probabilities.shape[1]} probabilities but its run names "
+                    f"{len(class_names)} classes ({', '.join(class_names)})"
+                )
+            for name, row in zip(names, probabilities):
+                best = int(row.argmax())
+                rows.writerow([name, class_names[best], f"{row[best]:.6f}", *(f"{value:.6f}" for value in row)])
+            summary.predicted += len(names)
+
+    with _atomic_csv(summary.skipped_csv) as rows:
+        rows.writerow(SKIPPED_COLUMNS)
+        rows.writerows((skipped.file, skipped.reason) for skipped in summary.skipped)
+    log.info("predict: %d predicted → %s; %d skipped → %s", summary.predicted, output_csv, len(summary.skipped),
+             summary.skipped_csv)
+    return summary
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    folder: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="Folder of images (searched recursively).")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m",
+            help="MLflow model URI: models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model.",
+        ),
+    ] = DEFAULT_MODEL_URI,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Predictions CSV; skipped files go to <name>.skipped.csv next to it.")
+    ] = Path("predictions.csv"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per prediction batch.")] = 64,
+) -> None:
+    """Classify a folder of leaf images with an MLflow model (the tracking store: MLFLOW_TRACKING_URI, else
+    mlflow.db at the repository root)."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.cli import configure_logging
+
+    configure_logging()
+    try:
+        summary = predict_folder(model, folder, output, batch_size)
+    except (MlflowException, PredictionError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"predicted {summary.predicted} images → {summary.output_csv}")
+    if summary.skipped:
+        typer.echo(f"skipped {len(summary.skipped)} unreadable files → {summary.skipped_csv}")
+
+
+if __name__ == "__main__":
+    app(prog_name="python -m tasks.predict")
