@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,12 @@ def tiny_params() -> Params:
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty workspace with the tiny params.yaml; stages write data/, models/, reports/, mlflow.db there."""
+    from tests.helpers import empty_store
+
     root = tmp_path / "workspace"
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(), sort_keys=False))
+    shutil.copyfile(empty_store(), root / "mlflow.db")
     monkeypatch.setenv("CASSAVA_WORKSPACE", str(root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)

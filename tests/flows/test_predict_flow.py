@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.tasks.test_predict import register_champion, write_leaf_folder
-from tests.tasks.test_register import log_model_run, open_store, oracle_model, save_model_dir
+from tests.helpers import log_model_run, open_store, oracle_model, save_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from tasks.predict import app, predict_folder
 from tasks.register import CHAMPION_ALIAS
-from tests.tasks.test_register import (
+from tests.helpers import (
     CLASS_LEVELS,
     CLASS_NAMES,
     IMAGE_SIZE,

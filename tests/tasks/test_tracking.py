@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
