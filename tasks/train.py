@@ -181,7 +181,10 @@ def _backed_up_epochs(backup_dir: Path) -> int:
     metadata = backup_dir / "training_metadata.json"
     if not (metadata.exists() and (backup_dir / "latest.weights.h5").exists()):
         return 0
-    return int(json.loads(metadata.read_text())["epoch"])
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except (ValueError, KeyError):  # cut short by a kill: start over rather than guess
+        return 0
 
 
 def load_progress(backup_dir: Path, fingerprint: str) -> Progress | None:
