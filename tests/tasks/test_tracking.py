@@ -89,38 +89,32 @@ def test_an_interrupted_stage_ends_killed(workspace: Path, tiny_params: Params) 
     assert MlflowClient().get_run(run.run_id).info.status == "KILLED"
 
 
-def test_sigterm_ends_the_run_killed(workspace: Path, tiny_params: Params) -> None:
+def _stage_in_subprocess(workspace: Path, ending: str) -> tuple[int, str]:
+    """Run a stage in another process that ends with `ending` inside the stage; (exit code, its run id)."""
     script = (
-        "import os, signal\n"
+        "import os, pathlib, signal\n"
         "from tasks.params import load_params\n"
         "from tasks.tracking import stage_run\n"
-        "with stage_run('train', load_params(), None, __import__('pathlib').Path('t.json')) as run:\n"
+        "with stage_run('train', load_params(), None, pathlib.Path('t.json')) as run:\n"
         "    print(run.run_id, flush=True)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"    {ending}\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=workspace,
                             env=_env_with_code_on_path())
-    assert result.returncode != 0
-    run_id = result.stdout.split()[0]
     configure_tracking()
+    return result.returncode, result.stdout.split()[0]
+
+
+def test_sigterm_ends_the_run_killed(workspace: Path) -> None:
+    returncode, run_id = _stage_in_subprocess(workspace, "os.kill(os.getpid(), signal.SIGTERM)")
+    assert returncode != 0
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "KILLED"
     assert "interrupted" in run.data.tags["cassava.failure"]
 
 
 def test_runs_of_dead_processes_are_reaped(workspace: Path, tiny_params: Params) -> None:
-    script = (
-        "import os\n"
-        "from tasks.params import load_params\n"
-        "from tasks.tracking import stage_run\n"
-        "with stage_run('train', load_params(), None, __import__('pathlib').Path('t.json')) as run:\n"
-        "    print(run.run_id, flush=True)\n"
-        "    os._exit(9)  # as SIGKILL: no cleanup at all\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=workspace,
-                            env=_env_with_code_on_path())
-    run_id = result.stdout.split()[0]
-    configure_tracking()
+    _, run_id = _stage_in_subprocess(workspace, "os._exit(9)  # as SIGKILL: no cleanup at all")
     client = MlflowClient()
     assert client.get_run(run_id).info.status == "RUNNING"
     assert reap_orphaned_runs(client, ensure_experiment(experiment_name(tiny_params))) == [run_id]
