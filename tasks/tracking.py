@@ -352,7 +352,6 @@ def _log_dataset(prepared_dir: Path, params: Params, version: str) -> None:
 
 def log_record(run_id: str, record: StageRecord, replay_series: bool) -> None:
     """Log a stage's record into a run; `replay_series` re-logs per-epoch metrics that were logged live."""
-    client = MlflowClient()
     root = workspace_root()
     if record.metrics:
         mlflow.log_metrics(record.metrics)
@@ -362,7 +361,7 @@ def log_record(run_id: str, record: StageRecord, replay_series: bool) -> None:
     if tags:
         mlflow.set_tags(tags)
     for file, artifact_folder in record.artifacts:
-        client.log_artifact(run_id, str(root / file), artifact_folder or None)
+        log_artifacts(run_id, [root / file], artifact_folder)
     if replay_series and record.series_csv:
         log_series(run_id, root / record.series_csv)
     if record.model_dir:
@@ -388,6 +387,12 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def log_artifacts(run_id: str, files: list[Path], folder: str) -> None:
+    client = MlflowClient()
+    for file in files:
+        client.log_artifact(run_id, str(file), folder)
 
 
 def log_epoch_metrics(run_id: str, epoch: int, values: dict[str, float]) -> None:

@@ -431,7 +431,7 @@ def run_train(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): diagnose, train (resuming if a backup of this same
     training exists, in its MLflow run), log per-epoch metrics live, save and log the model."""
     from tasks import layout
-    from tasks.tracking import StageRecord, log_epoch_metrics, set_run_tags, stage_run
+    from tasks.tracking import StageRecord, log_artifacts, log_epoch_metrics, set_run_tags, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
@@ -444,8 +444,10 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         progress.run_id = run.run_id
         verdict = diagnose_initialization(params, prepared, root / layout.INIT_DIAGNOSTICS_FILE,
                                           root / layout.INIT_DIAGNOSTICS_PLOT)
+        # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
         set_run_tags(run.run_id, {"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
                                   "cassava.init_reason": verdict.reason})
+        log_artifacts(run.run_id, [root / layout.INIT_DIAGNOSTICS_FILE, root / layout.INIT_DIAGNOSTICS_PLOT], "diagnostics")
         outcome = train_classifier(
             params, prepared, root / layout.CHECKPOINT_FILE, backup_dir,
             on_epoch=lambda epoch, values: log_epoch_metrics(run.run_id, epoch, values), progress=progress,

@@ -123,7 +123,7 @@ def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
         "train.optimizer=sgd", "train.nesterov=true", "train.learning_rate=0.05", "train.lr_schedule=step",
         "train.schedule.step_epochs=1", "train.schedule.step_factor=0.5", "train.gradients.clip=norm",
         "train.class_weight=balanced", "train.early_stopping.monitor=val_accuracy", "train.early_stopping.mode=max",
-        "train.epochs=3",
+        "train.epochs=3", "evaluate.learning_curve=true", "evaluate.learning_curve_fractions=[0.5, 1.0]",
     )
     params = load_params()
     run_id = run_evaluate(params, run_train(params, run_prepare(params, run_acquire(params))))
@@ -140,3 +140,8 @@ def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
     assert {"train.best_epoch", "train.stopped_epoch", "init.variance_ratio", "test_accuracy"} <= set(run.data.metrics)
     artifacts = {item.path for item in client.list_artifacts(run_id, "diagnostics")}
     assert artifacts == {"diagnostics/init_diagnostics.csv", "diagnostics/init_diagnostics.png"}
+    curve = json.loads((workspace / "reports/failure_analysis.json").read_text())["learning_curve"]
+    assert [point["fraction"] for point in curve] == [0.5, 1.0]
+    assert curve[0]["train_images"] < curve[1]["train_images"]
+    report = (workspace / "reports/report.html").read_text()
+    assert "<h2>Learning curve</h2>" in report and "<h2>Saliency</h2>" in report
