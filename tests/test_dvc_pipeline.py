@@ -112,7 +112,9 @@ def test_plots_render(project: Path) -> None:
 def test_exp_run_with_set_param_is_listed_and_tracked(project: Path) -> None:
     _run(["git", "add", "-A"], project)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline results"], project)
-    _dvc("exp", "run", "-S", "train.learning_rate=0.01", "-n", "lr-0.01", cwd=project)
+    # --temp runs in a throw-away copy under .dvc/tmp/exps, as queued experiments do: the run must still land
+    # in the project's own store (DVC_ROOT), with its artifacts next to it.
+    _dvc("exp", "run", "--temp", "-S", "train.learning_rate=0.01", "-n", "lr-0.01", cwd=project)
     shown = json.loads(_dvc("exp", "show", "--json", cwd=project))
     names = [exp.get("name") for baseline in shown for exp in (baseline.get("experiments") or [])
              for exp in [exp] + (exp.get("revs") or [])]
@@ -121,3 +123,6 @@ def test_exp_run_with_set_param_is_listed_and_tracked(project: Path) -> None:
     assert latest.data.params["train.learning_rate"] == "0.01"
     assert latest.data.tags["cassava.dvc_exp_name"] == "lr-0.01"
     assert latest.info.run_name.startswith("cnn8-16-adam-lr0.01-")
+    assert latest.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
+    assert {item.path for item in MlflowClient().list_artifacts(latest.info.run_id, "evaluation")} >= {
+        "evaluation/metrics.json"}
