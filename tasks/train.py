@@ -209,7 +209,7 @@ def _callbacks(
 ) -> list["keras.callbacks.Callback"]:
     import keras
 
-    from tasks.diagnostics import global_gradient_norm
+    from tasks.diagnostics import gradient_norm_probe
 
     stopping = params.train.early_stopping
     mode = monitor_mode(stopping.monitor, stopping.mode)
@@ -241,14 +241,20 @@ def _callbacks(
     class ResumableReduceLROnPlateau(Resumable, keras.callbacks.ReduceLROnPlateau):
         counters = ("best", "wait", "cooldown_counter")
 
+    gradient_norm = None
+
     class EpochRecorder(keras.callbacks.Callback):
         """Per epoch: learning rate actually used, global gradient norm, generalization gap; saves progress
         and hands the values on (to MLflow, live)."""
 
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            nonlocal gradient_norm
+            gradient_norm = gradient_norm_probe(self.model)
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             values = {key: float(value) for key, value in (logs or {}).items() if key in HISTORY_COLUMNS}
             values["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            values["grad_norm"] = global_gradient_norm(self.model, *probe)
+            values["grad_norm"] = gradient_norm(*probe)
             values["gap_accuracy"] = values["accuracy"] - values["val_accuracy"]
             values["gap_loss"] = values["loss"] - values["val_loss"]
             progress.history.append({"epoch": epoch + 1, **values})
