@@ -43,7 +43,7 @@ sys.path.insert(1, os.environ.get("CASSAVA_BENCH_CODE") or str(Path(__file__).re
 
 import _common as common  # noqa: E402
 
-MODES = ("plain", "flow", "flow-server")
+MODES = ("plain", "stage", "flow", "flow-server")
 
 
 def training_overrides(epochs: int) -> list[str]:
@@ -144,13 +144,17 @@ def child_plain(args: argparse.Namespace, rec: Recorder) -> None:
 
 
 def child_flow(args: argparse.Namespace, rec: Recorder) -> None:
+    use_prefect = args.child == "flow"
     with rec.phase("import tensorflow+keras"):
         import keras
         import tensorflow  # noqa: F401
-    with rec.phase("import prefect (flows.train_pipeline)"):
-        import flows.train_pipeline as pipeline
-        from prefect import flow
-    temporary_server = not os.environ.get("PREFECT_API_URL")
+    if use_prefect:
+        with rec.phase("import prefect (flows.train_pipeline)"):
+            import flows.train_pipeline as pipeline
+            from prefect import flow
+    else:  # the train stage as `python -m tasks.cli train` (dvc repro) runs it: no Prefect
+        import tasks.cli as pipeline
+    temporary_server = use_prefect and not os.environ.get("PREFECT_API_URL")
     if temporary_server:
         # Prefect imports its server module only to start a temporary server: counted with the start.
         with rec.phase("prefect: import server module"):
@@ -244,6 +248,33 @@ def child_flow(args: argparse.Namespace, rec: Recorder) -> None:
 
     pipeline.stage_entry = stage_entry  # run_stage looks it up in its module when the task runs
 
+    fit_timed = keras.Model.fit
+
+    def fit_noting_threads(*fit_args: Any, **fit_kwargs: Any) -> Any:
+        import threading
+
+        rec.marks["python_threads_at_fit"] = sorted(thread.name for thread in threading.enumerate())
+        return fit_timed(*fit_args, **fit_kwargs)
+
+    keras.Model.fit = fit_noting_threads
+
+    if not use_prefect:
+        from tasks.params import load_params as load
+
+        rec.mark("flow_call_start")
+        rec.mark("flow_body_start")
+        params = load(None, training_overrides(args.epochs))
+        rec.mark("task_call_start")
+        run_id = pipeline.stage_entry("train")(params, None)
+        rec.mark("task_call_end")
+        rec.mark("flow_call_end")
+        # No Prefect: its rows are zero (task_body_start is when the stage function was entered).
+        rec.marks["run_id"] = run_id
+        summary = json.loads((Path(os.environ["CASSAVA_WORKSPACE"]) / "models" / "train_summary.json").read_text())
+        rec.marks["epochs_run"] = summary["epochs_run"]
+        rec.mark("main_end")
+        return
+
     @flow(name="bench-train-stage", log_prints=True)
     def train_stage_flow(overrides: list[str]) -> str:
         """flows.train_pipeline with the train stage only (data already prepared)."""
@@ -267,7 +298,7 @@ def child_flow(args: argparse.Namespace, rec: Recorder) -> None:
 def child_main(args: argparse.Namespace) -> None:
     rec = Recorder(Path(args.report))
     common.quiet_tensorflow()
-    (child_plain if args.child == "plain" else child_flow)(args, rec)
+    (child_plain if args.child == "plain" else child_flow)(args, rec)  # "flow" or "stage"
 
 
 # ----------------------------------------------------------------------------------------------- parent
@@ -296,7 +327,8 @@ def run_mode(mode: str, args: argparse.Namespace, workspace: Path, homes: dict[s
     if mode == "flow-server":
         extra["PREFECT_API_URL"] = api_url
     env = common.child_env(workspace, homes["flow-server" if mode == "flow-server" else "flow"], **extra)
-    command = [common.PYTHON, str(Path(__file__).resolve()), "--child", "plain" if mode == "plain" else "flow",
+    child = {"plain": "plain", "stage": "stage"}.get(mode, "flow")
+    command = [common.PYTHON, str(Path(__file__).resolve()), "--child", child,
                "--epochs", str(args.epochs), "--report", str(report)]
     result = common.run_child(command, env, workspace, scratch / f"{label}.log", report)
     if result.returncode != 0 or not result.report:
@@ -383,7 +415,7 @@ def main() -> int:
     parser.add_argument("--live", action="store_true",
                         help="run the checkout's code as it is on disk instead of a snapshot taken at start")
     parser.add_argument("--from-json", type=Path, help="print the tables of an earlier --json file, run nothing")
-    parser.add_argument("--child", choices=("plain", "flow"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("plain", "stage", "flow"), help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -435,7 +467,8 @@ def main() -> int:
         if server is not None:
             server.stop()
 
-    runs_by_mode = {mode: [{"wall_s": r.wall_s, "cpu_s": r.cpu_s, "components": components(r)} for r in runs]
+    runs_by_mode = {mode: [{"wall_s": r.wall_s, "cpu_s": r.cpu_s, "components": components(r),
+                            "threads_at_fit": r.report["marks"].get("python_threads_at_fit")} for r in runs]
                     for mode, runs in results.items()}
     report_results(args.epochs, runs_by_mode, extra, args.json)
     if not args.keep:
@@ -474,10 +507,14 @@ def report_results(epochs: int, runs_by_mode: dict[str, list[dict[str, Any]]], e
         rows.append([mode, med(r["wall_s"] for r in runs), common.spread(r["wall_s"] for r in runs),
                      med(r["cpu_s"] for r in runs), common.spread(r["cpu_s"] for r in runs)])
     print(common.table(rows, ["mode", "wall s", "wall range", "cpu s", "cpu range"]))
+    for mode, runs in runs_by_mode.items():
+        threads = runs[0].get("threads_at_fit")
+        if threads:
+            print(f"  {mode}: {len(threads)} Python threads when fit starts: {', '.join(threads)}")
 
     figures: dict[str, Any] = {**extra, "epochs": epochs, "modes": runs_by_mode}
     plain = runs_by_mode.get("plain")
-    for mode in ("flow", "flow-server"):
+    for mode in ("stage", "flow", "flow-server"):
         if not plain or mode not in runs_by_mode:
             continue
         runs = runs_by_mode[mode]
