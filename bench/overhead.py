@@ -468,7 +468,8 @@ def main() -> int:
             server.stop()
 
     runs_by_mode = {mode: [{"wall_s": r.wall_s, "cpu_s": r.cpu_s, "components": components(r),
-                            "threads_at_fit": r.report["marks"].get("python_threads_at_fit")} for r in runs]
+                            "threads_at_fit": r.report["marks"].get("python_threads_at_fit"),
+                            "seconds": r.report["seconds"]} for r in runs]
                     for mode, runs in results.items()}
     report_results(args.epochs, runs_by_mode, extra, args.json)
     if not args.keep:
