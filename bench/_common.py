@@ -215,3 +215,14 @@ def quiet_tensorflow() -> None:
     for noisy in ("tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+
+
+def finish(figures: dict[str, Any], json_file: Path | None, scratch: Path, keep: bool) -> None:
+    """Write the raw figures if asked, then remove the scratch folder unless --keep."""
+    if json_file:
+        json_file.write_text(json.dumps(figures, indent=1, default=str))
+        print(f"\nfigures written to {json_file}")
+    if keep:
+        print(f"kept: {scratch}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -35,10 +35,8 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -308,13 +306,7 @@ def main() -> int:
         timed = args.epochs if name == "default" else args.large_epochs
         run_config(name, CONFIGS[name], workspaces[name], args, timed, figures)
 
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1, default=str))
-        print(f"\nfigures written to {args.json}")
-    if args.keep:
-        print(f"kept: {scratch}")
-    else:
-        shutil.rmtree(scratch, ignore_errors=True)
+    common.finish(figures, args.json, scratch, args.keep)
     return 0
 
 

@@ -165,13 +165,7 @@ def main() -> int:
     print("per stage, from Prefect's log timestamps (median s):")
     print(common.table(rows, ["part", "seconds", "range"]))
     figures["median_wall_s"] = wall
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1, default=str))
-        print(f"\nfigures written to {args.json}")
-    if args.keep:
-        print(f"kept: {scratch}")
-    else:
-        shutil.rmtree(scratch, ignore_errors=True)
+    common.finish(figures, args.json, scratch, args.keep)
     return 0
 
 
