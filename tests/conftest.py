@@ -31,6 +31,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`reliability` and `server` tests are slow by definition, so `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("reliability") or item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_params_tree(extra: list[str] = ()) -> dict:
     tree = yaml.safe_load((code_root() / "params.yaml").read_text())
     return apply_overrides(tree, [*TINY_OVERRIDES, *extra])
