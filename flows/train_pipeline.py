@@ -1,4 +1,4 @@
-"""The training pipeline as a Prefect flow: acquire → prepare → train → evaluate, one MLflow run.
+"""The training pipeline as a Prefect flow: acquire → prepare → train → evaluate → register, one MLflow run.
 
 Wiring only: each task calls the same `run_<stage>` function that `dvc.yaml` runs through `tasks.cli`, and the
 MLflow run id is handed from task to task explicitly (MLflow's active run is thread-local; Prefect runs tasks
@@ -67,6 +67,7 @@ def train_pipeline(overrides: list[str] | None = None, params_file: str | None =
     run_id = io_stage("prepare", params, run_id)
     run_id = run_stage("train", params, run_id)
     run_id = run_stage("evaluate", params, run_id)
+    run_id = run_stage("register", params, run_id)
     metrics = json.loads((workspace_root() / METRICS_FILE).read_text())
     return {"run_id": run_id, "tracking_uri": configure_tracking(), "metrics": metrics}
 
@@ -93,7 +94,7 @@ def main(
                 f"MLflow run:      {result['run_id']}",
                 f"test accuracy:   {metrics['test_accuracy']:.4f}",
                 f"test macro F1:   {metrics['test_macro_f1']:.4f}",
-                "metrics file:    reports/metrics.json   (plots: reports/*.png)",
+                "report:          reports/report.html   (metrics: reports/metrics.json, figures: reports/figures/)",
                 f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
                 "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
             ]

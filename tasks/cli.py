@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "prepare": "tasks.data:run_prepare",
     "train": "tasks.train:run_train",
     "evaluate": "tasks.evaluate:run_evaluate",
+    "register": "tasks.register:run_register",
 }
 
 app = typer.Typer(

@@ -27,3 +27,7 @@ PREDICTIONS_FILE = REPORTS_DIR / "test_predictions.csv"  # actual,predicted: dvc
 BACKUP_DIR = MODELS_DIR / "backup"  # resumable training state; not a DVC output, removed after success
 INIT_DIAGNOSTICS_FILE = MODELS_DIR / "init_diagnostics.csv"
 INIT_DIAGNOSTICS_PLOT = MODELS_DIR / "init_diagnostics.png"
+EVALUATION_REPORT = REPORTS_DIR / "evaluation.html"  # the evaluate stage's report, the gate row still pending
+REPORT_FILE = REPORTS_DIR / "report.html"  # the same with the registry gate's decision (register stage)
+REGISTRY_FILE = REPORTS_DIR / "registry.json"  # the gate's decision, as data
+REGISTER_POINTER = REPORTS_DIR / "register.mlflow.json"

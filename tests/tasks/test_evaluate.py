@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluate import score_predictions, write_reports
+from tasks.evaluate import write_reports
+from tasks.scoring import score_predictions
 
 # Six images, three classes. Predicted (argmax) = [0, 1, 1, 1, 2, 0]; second choices make top-2 = 5/6.
 LABELS = np.array([0, 0, 1, 1, 2, 2])
