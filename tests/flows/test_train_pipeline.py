@@ -45,8 +45,11 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
     assert tags["cassava.data_version"] == dvc_data_version(workspace / PREPARED_DIR)
     assert tags["cassava.git_dirty"] in ("true", "false") and len(tags["mlflow.source.git.commit"]) == 40
     assert tags["cassava.version.tensorflow-cpu"] and tags["cassava.version.keras"].startswith("3.")
-    for stage in ("acquire", "prepare", "train", "evaluate"):
+    for stage in ("acquire", "prepare", "train", "evaluate", "register"):
         assert tags[f"cassava.stage.{stage}"] == "done"
+    registry = json.loads((workspace / "reports/registry.json").read_text())
+    assert (tags["cassava.gate.decision"], tags["cassava.gate.reason"]) == (registry["decision"], registry["reason"])
+    assert registry["decision"] == ("registered" if run.data.metrics["test_macro_f1"] >= 0.3 else "rejected")
 
     metrics = run.data.metrics
     reported = json.loads((workspace / "reports/metrics.json").read_text())
