@@ -1,4 +1,9 @@
-"""Evaluate stage: test-split metrics, the confusion matrix and learning curves, for MLflow and `dvc plots`."""
+"""Evaluate stage: test-split metrics, the confusion matrix and learning curves, for MLflow and `dvc plots`; the
+failure analysis; and the HTML report with its header and warnings.
+
+It computes and reports; it does not decide. Registration is the next stage (`tasks.register`), which fills the
+report's gate row in. Scoring is shared with that stage through `tasks.scoring`.
+"""
 
 from __future__ import annotations
 
