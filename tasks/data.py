@@ -46,7 +46,8 @@ class AcquireReport:
 
 
 def acquire(data: DataParams, raw_dir: Path) -> AcquireReport:
-    """Write the chosen source into raw_dir as `<class>/<file>` and report what was found or missing."""
+    """Write the chosen source into raw_dir (emptied first) as `<class>/<file>` and report what was found or
+    missing. The stage entry hands it a staging folder, so a failure never touches the current data/raw."""
     if raw_dir.exists():
         shutil.rmtree(raw_dir)
     raw_dir.mkdir(parents=True)
@@ -86,7 +87,11 @@ def _place(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        shutil.copy2(source, target)
+        try:
+            shutil.copy2(source, target)
+        except OSError as error:  # vanished, unreadable, disk full: name the file, not a traceback
+            raise DataError(f"cannot copy {source} into data/raw ({error.strerror or error}); "
+                            "check that data.root is complete and readable, then run acquire again") from None
 
 
 def _export_digits(raw_dir: Path) -> dict[str, int]:
@@ -180,17 +185,16 @@ class DataReport:
 def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> DataReport:
     """Validate, deduplicate, split (stratified, seeded) and resize raw_dir into prepared_dir.
 
-    Writes to a sibling temporary folder and renames it at the end, so an interrupted preparation never
-    leaves a half-written data set behind.
+    prepared_dir is emptied first; the stage entry hands it a staging folder (tasks/staging.py), so an
+    interrupted or failed preparation never leaves a half-written data set behind.
     """
     files = list_image_files(raw_dir)
     if not files:
         raise DataError(f"{raw_dir} holds no files: run the acquire stage first")
-    staging = prepared_dir.with_name(prepared_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    shutil.rmtree(prepared_dir, ignore_errors=True)
+    prepared_dir.mkdir(parents=True)
     all_images = np.lib.format.open_memmap(
-        staging / "all_images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(files), data.image_size, data.image_size, 3)
+        prepared_dir / "all_images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(files), data.image_size, data.image_size, 3)
     )
     report = DataReport(source=data.source, image_size=data.image_size, classes=[], files_seen=len(files))
     rows = _validate_and_load(files, raw_dir, data.image_size, all_images, report)
@@ -198,7 +202,7 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
     rows = _apply_class_policy(rows, data, report)
     report.classes = sorted({row["label"] for row in rows})
     _assign_splits(rows, data)
-    layout = PreparedData(staging)
+    layout = PreparedData(prepared_dir)
     class_index = {name: index for index, name in enumerate(report.classes)}
     for split in SPLITS:
         split_rows = [row for row in rows if row["split"] == split]
@@ -212,7 +216,7 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
         np.save(layout.labels_file(split), np.array([class_index[row["label"]] for row in split_rows], dtype=np.int32))
         report.split_counts[split] = dict(sorted(Counter(row["label"] for row in split_rows).items()))
     del all_images
-    (staging / "all_images.tmp.npy").unlink()
+    (prepared_dir / "all_images.tmp.npy").unlink()
 
     report.images_kept = len(rows)
     scores = np.array([row["blur_score"] for row in rows])
@@ -220,8 +224,6 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
     _write_manifest(layout.manifest_file, rows)
     layout.classes_file.write_text(json.dumps(report.classes) + "\n")
     layout.report_file.write_text(json.dumps(report.__dict__, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(prepared_dir, ignore_errors=True)
-    staging.rename(prepared_dir)
     return report
 
 
@@ -329,11 +331,14 @@ def _write_manifest(manifest_file: Path, rows: list[dict]) -> None:
 def run_acquire(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): acquire the source into data/raw, log its report."""
     from tasks.layout import ACQUIRE_POINTER, RAW_DIR
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, stage_run
 
     root = workspace_root()
-    with stage_run("acquire", params, None, root / ACQUIRE_POINTER, run_id) as run:
-        report = acquire(params.data, root / RAW_DIR)
+    with staged_outputs(root, "acquire", [RAW_DIR, ACQUIRE_POINTER]) as staged, \
+            stage_run("acquire", params, None, root / ACQUIRE_POINTER, run_id) as run:
+        report = acquire(params.data, staged.path(RAW_DIR))
+        staged.publish()
         log.info("acquire: %d files in %d classes from %s", sum(report.files_per_class.values()),
                  len(report.files_per_class), params.data.source)
         run.complete(
@@ -350,11 +355,14 @@ def run_acquire(params: Params, run_id: str | None = None) -> str:
 def run_prepare(params: Params, run_id: str | None = None) -> str:
     """Stage entry: validate and split data/raw into data/prepared, log the data report."""
     from tasks.layout import ACQUIRE_POINTER, PREPARE_POINTER, PREPARED_DIR, RAW_DIR
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, stage_run
 
     root = workspace_root()
-    with stage_run("prepare", params, root / ACQUIRE_POINTER, root / PREPARE_POINTER, run_id) as run:
-        report = prepare_dataset(params.data, root / RAW_DIR, root / PREPARED_DIR)
+    with staged_outputs(root, "prepare", [PREPARED_DIR, PREPARE_POINTER]) as staged, \
+            stage_run("prepare", params, root / ACQUIRE_POINTER, root / PREPARE_POINTER, run_id) as run:
+        report = prepare_dataset(params.data, root / RAW_DIR, staged.path(PREPARED_DIR))
+        staged.publish()
         log.info("prepare: kept %d of %d files; %d skipped, %d duplicates; splits %s", report.images_kept,
                  report.files_seen, len(report.skipped), len(report.duplicates),
                  {split: sum(counts.values()) for split, counts in report.split_counts.items()})
