@@ -174,7 +174,10 @@ class DataReport:
     classes: list[str]
     files_seen: int = 0
     images_kept: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "kind", "reason"}
+    skipped_by_kind: dict[str, int] = field(default_factory=dict)
+    flagged: list[dict[str, str]] = field(default_factory=list)  # kept, but worth a look: {"path", "kind", "note"}
+    flagged_by_kind: dict[str, int] = field(default_factory=dict)
     duplicates: list[dict[str, str]] = field(default_factory=list)
     converted_to_rgb: dict[str, int] = field(default_factory=dict)
     dropped_classes: dict[str, int] = field(default_factory=dict)
@@ -193,11 +196,19 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
         raise DataError(f"{raw_dir} holds no files: run the acquire stage first")
     shutil.rmtree(prepared_dir, ignore_errors=True)
     prepared_dir.mkdir(parents=True)
+    try:
+        return _prepare_into(data, files, raw_dir, prepared_dir)
+    except BaseException:
+        shutil.rmtree(prepared_dir, ignore_errors=True)  # never half a data set, also for direct callers
+        raise
+
+
+def _prepare_into(data: DataParams, files: list[Path], raw_dir: Path, prepared_dir: Path) -> DataReport:
     all_images = np.lib.format.open_memmap(
         prepared_dir / "all_images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(files), data.image_size, data.image_size, 3)
     )
     report = DataReport(source=data.source, image_size=data.image_size, classes=[], files_seen=len(files))
-    rows = _validate_and_load(files, raw_dir, data.image_size, all_images, report)
+    rows = _validate_and_load(files, raw_dir, data, all_images, report)
 
     rows = _apply_class_policy(rows, data, report)
     report.classes = sorted({row["label"] for row in rows})
@@ -228,9 +239,10 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
 
 
 def _validate_and_load(
-    files: list[Path], raw_dir: Path, image_size: int, all_images: np.ndarray, report: DataReport
+    files: list[Path], raw_dir: Path, data: DataParams, all_images: np.ndarray, report: DataReport
 ) -> list[dict]:
-    """Decode every file once: skip unreadable ones and exact duplicates, store pixels, return manifest rows."""
+    """Decode every file once: skip unusable ones (with the reason) and exact duplicates, flag the ones worth
+    a look, store pixels, return manifest rows."""
     first_seen: dict[str, dict] = {}
     rows: list[dict] = []
     converted: Counter[str] = Counter()
@@ -238,20 +250,22 @@ def _validate_and_load(
         relative = file.relative_to(raw_dir).as_posix()
         label = relative.split("/", 1)[0]
         if "/" not in relative:
-            report.skipped.append({"path": relative, "reason": "file outside any class folder"})
-            continue
-        digest = content_hash(file)
-        if digest in first_seen:
-            kept = first_seen[digest]
-            report.duplicates.append(
-                {"path": relative, "duplicate_of": kept["path"], "label_conflict": str(kept["label"] != label).lower()}
-            )
+            report.skipped.append({"path": relative, "kind": "outside-class-folder",
+                                   "reason": "file outside any class folder"})
             continue
         try:
-            loaded = load_rgb_image(file, image_size)
+            digest = content_hash(file)
+            if digest in first_seen:
+                kept = first_seen[digest]
+                report.duplicates.append(
+                    {"path": relative, "duplicate_of": kept["path"], "label_conflict": str(kept["label"] != label).lower()}
+                )
+                continue
+            loaded = load_rgb_image(file, data.image_size, data.min_image_side, data.large_image_megapixels)
         except UnreadableImage as reason:
-            report.skipped.append({"path": relative, "reason": str(reason)})
+            report.skipped.append({"path": relative, "kind": reason.kind, "reason": str(reason)})
             continue
+        report.flagged.extend({"path": relative, "kind": kind, "note": note} for kind, note in loaded.notes)
         if loaded.original_mode != "RGB":
             converted[loaded.original_mode] += 1
         all_images[len(rows)] = loaded.pixels
@@ -269,6 +283,8 @@ def _validate_and_load(
         first_seen[digest] = row
         rows.append(row)
     report.converted_to_rgb = dict(sorted(converted.items()))
+    report.skipped_by_kind = dict(sorted(Counter(skipped["kind"] for skipped in report.skipped).items()))
+    report.flagged_by_kind = dict(sorted(Counter(flagged["kind"] for flagged in report.flagged).items()))
     for skipped in report.skipped:
         log.warning("skipped %s: %s", skipped["path"], skipped["reason"])
     if report.duplicates:

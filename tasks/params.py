@@ -48,7 +48,7 @@ class DataParams(_Section):
     seed: int = 42
     min_images_per_class: Annotated[int, Field(ge=3)] = 10
     small_class_policy: Literal["error", "drop"] = "error"
-    min_image_side: Annotated[int, Field(ge=1)] = 16  # images with a shorter side are skipped as too small
+    min_image_side: Annotated[int, Field(ge=1)] = 8  # images with a shorter side are skipped as too small
     large_image_megapixels: Annotated[float, Field(gt=0.0)] = 40.0  # larger ones are kept but flagged
     synthetic: SyntheticParams = SyntheticParams()
 

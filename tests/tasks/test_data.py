@@ -57,7 +57,7 @@ def test_folder_source_reports_and_skips_bad_files(tmp_path: Path) -> None:
     reasons = {entry["path"]: entry["reason"] for entry in report.skipped}
     assert reasons["cbb/empty.jpg"] == "zero-byte file"
     assert reasons["cbb/notes.jpg"].startswith("not an image")
-    assert reasons["healthy/truncated.jpg"].startswith("corrupt or truncated")
+    assert reasons["healthy/truncated.jpg"].startswith("truncated image")
     assert report.images_kept == 16
     written = json.loads(PreparedData(prepared).report_file.read_text())
     assert len(written["skipped"]) == 3
