@@ -89,7 +89,7 @@ class StagedOutputs:
         self._clear()
 
     def roll_back(self) -> None:
-        if self.published:
+        if self.published and self.journal.exists():
             self._roll_back(set(json.loads(self.journal.read_text())["existed"]))
         self._clear()
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from mlflow import MlflowClient
 from PIL import Image
 
-from tasks.data import DataError, acquire, class_name_from_disease, prepare_dataset
-from tasks.params import Params, validate_params
+from tasks.data import DataError, acquire, class_name_from_disease, prepare_dataset, run_acquire
+from tasks.layout import ACQUIRE_POINTER, RAW_DIR
+from tasks.params import Params, load_params, validate_params
 from tasks.prepared import SPLITS, PreparedData
 from tests.conftest import tiny_params_tree
 
@@ -192,3 +198,47 @@ def test_tf_dataset_streams_every_example_once_per_epoch(prepared_synthetic) -> 
     assert sorted(seen_labels.tolist()) == sorted(labels.tolist())
     first, second = ([b.numpy().sum() for b, _ in dataset] for _ in range(2))
     assert first != second  # reshuffled each epoch
+
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.reliability
+def test_an_acquire_failing_halfway_keeps_the_last_good_raw_data(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = workspace / "photos"
+    _folder_dataset(source)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(["data.source=folder", f"data.root={source}"])))
+    params = load_params()
+    good_run = run_acquire(params)
+    raw_before, pointer_before = _snapshot(workspace / RAW_DIR), (workspace / ACQUIRE_POINTER).read_bytes()
+    assert len(raw_before) == 17  # 16 photos and the acquire report
+
+    for index in range(8):  # the user adds photos; some vanish while acquire copies them (a flaky mount)
+        _photo(5000 + index).save(source / "cbb" / f"new_{index}.png")
+    real_link, linked = os.link, []
+
+    def link_then_vanish(source_file: str, target_file: str) -> None:
+        linked.append(source_file)
+        if len(linked) > 10:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source_file)
+        real_link(source_file, target_file)
+
+    def vanished(source_file: str, target_file: str) -> None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source_file)
+
+    monkeypatch.setattr(os, "link", link_then_vanish)
+    monkeypatch.setattr(shutil, "copy2", vanished)
+    with pytest.raises(DataError, match=r"cannot copy .*photos/.* into data/raw \(No such file or directory\)"):
+        run_acquire(params)
+    monkeypatch.undo()
+
+    assert _snapshot(workspace / RAW_DIR) == raw_before
+    assert (workspace / ACQUIRE_POINTER).read_bytes() == pointer_before  # still names the good run
+    assert not (workspace / ".staging").exists()
+    client = MlflowClient()
+    experiment = client.get_run(good_run).info.experiment_id
+    failed = [run for run in client.search_runs([experiment]) if run.info.run_id != good_run]
+    assert [run.info.status for run in failed] == ["FAILED"]
+    assert "DataError: cannot copy" in failed[0].data.tags["cassava.failure"]

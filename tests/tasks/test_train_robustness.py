@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from tasks.data import run_acquire, run_prepare
 from tasks.layout import BACKUP_DIR, CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
-from tasks.params import code_root, load_params
+from tasks.params import code_root, load_params, validate_params
 from tasks.tracking import configure_tracking
 from tests.conftest import tiny_params_tree
 
@@ -91,6 +91,23 @@ def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(wo
     assert (workspace / HISTORY_FILE).read_text() == resumed_history
     for key in ("best_epoch", "best_val_loss", "best_val_accuracy", "train_loss"):
         assert uninterrupted[key] == summary[key]
+
+
+def test_the_gradient_norm_is_the_one_the_optimizer_applied(tmp_path: Path) -> None:
+    from tasks.data import acquire, prepare_dataset
+    from tasks.prepared import PreparedData
+    from tasks.train import train_classifier
+
+    # Clipping to a global norm far below the raw gradients' makes every applied step exactly that norm;
+    # a probe computing gradients separately (as before) would report the unclipped ones.
+    params = validate_params(tiny_params_tree(["train.gradients.clip=norm", "train.gradients.clip_value=0.01",
+                                               "train.epochs=2", "train.gradients.vanishing_below=0.1"]))
+    acquire(params.data, tmp_path / "raw")
+    prepare_dataset(params.data, tmp_path / "raw", tmp_path / "prepared")
+    outcome = train_classifier(params, PreparedData(tmp_path / "prepared"), tmp_path / "best.keras", tmp_path / "backup")
+    assert [row["grad_norm"] for row in outcome.history] == pytest.approx([0.01, 0.01], rel=1e-3)
+    assert outcome.summary.gradient_flags == ["vanishing at epoch 1 (norm 0.01 < 0.1)",
+                                              "vanishing at epoch 2 (norm 0.01 < 0.1)"]
 
 
 def _train_until_it_fails(workspace: Path, *overrides: str) -> tuple[Exception, "Run"]:
