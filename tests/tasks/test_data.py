@@ -7,7 +7,12 @@ import errno
 import io
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +21,10 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from tasks.data import DataError, acquire, class_name_from_disease, prepare_dataset, run_acquire
+from tasks.data import ACQUIRE_REPORT_NAME, DataError, acquire, class_name_from_disease, prepare_dataset, run_acquire
 from tasks.layout import ACQUIRE_POINTER, RAW_DIR
-from tasks.params import Params, load_params, validate_params
+from tasks.params import Params, code_root, load_params, validate_params
+from tasks.tracking import configure_tracking
 from tasks.prepared import SPLITS, PreparedData
 from tests.conftest import tiny_params_tree
 
@@ -242,3 +248,51 @@ def test_an_acquire_failing_halfway_keeps_the_last_good_raw_data(workspace: Path
     failed = [run for run in client.search_runs([experiment]) if run.info.run_id != good_run]
     assert [run.info.status for run in failed] == ["FAILED"]
     assert "DataError: cannot copy" in failed[0].data.tags["cassava.failure"]
+
+
+def _complete_raw_files(raw: Path) -> int:
+    """The number of images in raw when it is a complete acquisition (its report matches its files)."""
+    report = json.loads((raw / ACQUIRE_REPORT_NAME).read_text())
+    images = [path for path in raw.rglob("*") if path.is_file() and path.name != ACQUIRE_REPORT_NAME]
+    assert len(images) == sum(report["files_per_class"].values()), "data/raw is half written"
+    return len(images)
+
+
+@pytest.mark.reliability
+def test_a_killed_acquire_leaves_the_old_or_the_new_complete_raw_data(workspace: Path) -> None:
+    environment = {**os.environ, "CASSAVA_WORKSPACE": str(workspace), "PYTHONPATH": str(code_root())}
+    command = [sys.executable, "-m", "tasks.cli", "acquire"]
+    subprocess.run([*command, "-S", "data.synthetic.images_per_class=10"], env=environment, check=True,
+                   capture_output=True)
+    old = _snapshot(workspace / RAW_DIR)
+    bigger = [*command, "-S", "data.synthetic.images_per_class=100"]
+    staged_raw = workspace / ".staging" / "acquire" / "new" / RAW_DIR
+    outcomes = []
+    for attempt in range(2):  # once mid-copy for sure, then at a random moment (random.Random(1))
+        acquiring = subprocess.Popen(bigger, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 300
+        if attempt == 0:
+            while sum(1 for _ in staged_raw.rglob("*.png")) < 100 and time.monotonic() < deadline:
+                assert acquiring.poll() is None, "acquire ended before it could be killed"
+                time.sleep(0.05)
+        else:
+            time.sleep(random.Random(attempt).uniform(2.0, 10.0))
+        os.killpg(acquiring.pid, signal.SIGKILL)  # as a power cut: no handler, no rollback runs
+        acquiring.wait()
+        files = _complete_raw_files(workspace / RAW_DIR)
+        assert files in (50, 500)
+        assert files == 500 or _snapshot(workspace / RAW_DIR) == old
+        outcomes.append(files)
+    assert outcomes[0] == 50  # killed mid-copy: the old data set, untouched
+    print(f"acquire killed {len(outcomes)} times: data/raw held {outcomes} images (old 50, new 500)")
+
+    finished = subprocess.run(bigger, env=environment, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert _complete_raw_files(workspace / RAW_DIR) == 500
+    assert not (workspace / ".staging").exists()
+    configure_tracking()
+    client = MlflowClient()
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    statuses = [run.info.status for run in runs]
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") >= 2  # killed runs were marked KILLED
