@@ -155,6 +155,7 @@ def test_a_finite_divergence_fails_the_run_and_flags_the_exploding_gradients(wor
     error, run = _train_until_it_fails(workspace, "train.learning_rate=1000000", "train.lr_schedule=constant")
     assert "exceeded train.divergence_factor = 1000 times the initial loss" in str(error)
     failure = run.data.tags["cassava.failure"]
+    print(f"diverged run: {failure}")
     assert failure.startswith("train: TrainingDiverged: training diverged: loss ") and "batch " in failure
     assert run.data.tags["cassava.gradient_flag"].startswith("exploding at epoch 1")
     assert "cassava.stage.train" not in run.data.tags
