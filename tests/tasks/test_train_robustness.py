@@ -93,6 +93,21 @@ def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(wo
         assert uninterrupted[key] == summary[key]
 
 
+@pytest.mark.parametrize(
+    ("loss", "reference", "verdict"),
+    [(1.6, 1.6, None), (1599.0, 1.6, None), (1601.0, 1.6, "exceeded train.divergence_factor = 1000 times"),
+     (float("nan"), 1.6, "NaN/inf"), (float("inf"), None, "NaN/inf"), (1e9, None, None)],
+)
+def test_the_divergence_rule(loss: float, reference: float | None, verdict: str | None) -> None:
+    from tasks.guards import divergence_reason
+
+    reason = divergence_reason(loss, reference, 1000.0)
+    if verdict is None:
+        assert reason is None
+    else:
+        assert reason is not None and verdict in reason
+
+
 def test_the_gradient_norm_is_the_one_the_optimizer_applied(tmp_path: Path) -> None:
     from tasks.data import acquire, prepare_dataset
     from tasks.prepared import PreparedData
