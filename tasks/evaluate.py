@@ -193,14 +193,17 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
     from tasks.names import SHIFT_VERDICT_TAG
     from tasks.report import ReportSection, model_warnings, report_header, write_html_report
     from tasks.scoring import keras_progress_bars_off, majority_baseline
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, describe_run, dvc_data_version, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
-    reports_dir = root / layout.REPORTS_DIR
+    outputs = [layout.REPORTS_DIR / "figures", layout.EVALUATION_REPORT, layout.REPORTS_DIR / "failure_analysis.json",
+               layout.PREDICTIONS_FILE, layout.METRICS_FILE, layout.EVALUATE_POINTER]
     # No `1/1 ━━━━` bars from predictions made inside libraries (MLflow validating a carried-over model's example).
-    with keras_progress_bars_off(), \
+    with keras_progress_bars_off(), staged_outputs(root, "evaluate", outputs) as staged, \
             stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
+        reports_dir = staged.new / layout.REPORTS_DIR  # swapped in by staged.publish(), on success only
         model = keras.saving.load_model(root / layout.MODEL_DIR / "model.keras")
         test_images, test_labels = prepared.split("test")
         log.info("evaluate: scoring the model on %d test images", len(test_labels))
@@ -230,17 +233,19 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
         data_version = dvc_data_version(root / layout.PREPARED_DIR)
         header = report_header(describe_run(params, data_version), run.run_id, params, data_version,
                                evaluation.metrics["test_accuracy"], baseline, evaluation.class_names)
-        report = write_html_report(
-            root / layout.EVALUATION_REPORT, "cassava-pipeline evaluation", evaluation.metrics,
+        write_html_report(
+            staged.new / layout.EVALUATION_REPORT, "cassava-pipeline evaluation", evaluation.metrics,
             [ReportSection("Learning curves", "", figures_dir / "learning_curves.png"), *sections], header, warnings,
         )
         for warning in warnings:
             log.warning("evaluate: %s", warning)
         log.info("evaluate: test accuracy %.4f (majority-class baseline %.4f), macro F1 %.4f, ECE %.4f on %d images; "
                  "report %s", evaluation.metrics["test_accuracy"], baseline[1], evaluation.metrics["test_macro_f1"],
-                 evaluation.metrics["test_expected_calibration_error"], len(test_labels), report)
+                 evaluation.metrics["test_expected_calibration_error"], len(test_labels), root / layout.EVALUATION_REPORT)
         # The report goes to the run once the register stage has filled in the gate (reports/report.html).
-        artifacts = {path.resolve() for path in [*written, details_file, *figures_dir.glob("*.png")]}
+        staged_files = [*written, details_file, *figures_dir.glob("*.png")]
+        staged.publish()
+        artifacts = {(root / layout.REPORTS_DIR / path.relative_to(reports_dir)).resolve() for path in staged_files}
         run.complete(
             StageRecord(
                 "evaluate",

@@ -231,11 +231,14 @@ def run_register(params: "Params", run_id: str | None = None) -> str:
     from tasks.params import workspace_root
     from tasks.prepared import PreparedData
     from tasks.report import GATE_ROW, fill_header_row
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, dvc_data_version, stage_run
 
     root = workspace_root()
     settings = params.registry
-    with stage_run("register", params, root / layout.EVALUATE_POINTER, root / layout.REGISTER_POINTER, run_id) as run:
+    outputs = [layout.REPORT_FILE, layout.REGISTRY_FILE, layout.REGISTER_POINTER]
+    with staged_outputs(root, "register", outputs) as staged, \
+            stage_run("register", params, root / layout.EVALUATE_POINTER, root / layout.REGISTER_POINTER, run_id) as run:
         outcome: dict[str, object] = {"run_id": run.run_id, "model_name": settings.model_name,
                                       "metric": settings.metric, "minimum": settings.minimum}
         if settings.enabled:
@@ -254,12 +257,11 @@ def run_register(params: "Params", run_id: str | None = None) -> str:
             tags = {GATE_DECISION_TAG: "disabled", GATE_REASON_TAG: "registry.enabled is false: nothing registered"}
             log.info("register: %s", tags[GATE_REASON_TAG])
         outcome.update(decision=tags[GATE_DECISION_TAG], reason=tags[GATE_REASON_TAG])
-        registry_file = root / layout.REGISTRY_FILE
-        registry_file.parent.mkdir(parents=True, exist_ok=True)
-        registry_file.write_text(json.dumps(outcome, indent=2) + "\n")
+        staged.path(layout.REGISTRY_FILE).write_text(json.dumps(outcome, indent=2) + "\n")
         page = (root / layout.EVALUATION_REPORT).read_text(encoding="utf-8")
         gate_text = f"{tags[GATE_DECISION_TAG]}: {tags[GATE_REASON_TAG]}"
-        (root / layout.REPORT_FILE).write_text(fill_header_row(page, GATE_ROW, gate_text), encoding="utf-8")
+        staged.path(layout.REPORT_FILE).write_text(fill_header_row(page, GATE_ROW, gate_text), encoding="utf-8")
+        staged.publish()
         run.complete(StageRecord(
             "register",
             tags=tags,
