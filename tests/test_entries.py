@@ -96,9 +96,8 @@ def test_an_unreachable_tracking_server_fails_the_flow_entry_within_seconds(para
 @pytest.mark.reliability
 def test_a_data_error_inside_the_prefect_flow_is_one_line_and_never_retried(workspace: Path,
                                                                               tmp_path: Path) -> None:
-    # Four images per class cannot be split three ways: prepare (a task with retries) fails with a DataError.
-    command = [sys.executable, "-m", "flows.train_pipeline",
-               "-S", "data.synthetic.images_per_class=4", "-S", "data.min_images_per_class=3"]
+    # Four images per class, six needed to split: prepare (a task with retries) fails with a DataError.
+    command = [sys.executable, "-m", "flows.train_pipeline", "-S", "data.synthetic.images_per_class=4"]
     environment = _environment(workspace, PREFECT_HOME=str(tmp_path / "prefect"),
                                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
@@ -106,7 +105,7 @@ def test_a_data_error_inside_the_prefect_flow_is_one_line_and_never_retried(work
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if "\r" not in line and line.strip()]  # no tqdm bars
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "cannot stratify" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and "too few images to split in class(es) cbb (4)" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Finished in state Failed" not in result.stderr
     assert "Retry" not in result.stderr
     assert sum("prepare: starting" in line for line in lines) == 1  # started once: not retried
