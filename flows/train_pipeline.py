@@ -97,20 +97,23 @@ def main(
     preflight(load_params(params_file, overrides or []))  # in a second, before Prefect starts a server
     quiet_expected_failures()  # their one line is printed by run_entry, not a traceback by Prefect
     result = train_pipeline(overrides=overrides or [], params_file=params_file)
+    typer.echo(where_to_look(result))
+
+
+def where_to_look(result: dict[str, Any]) -> str:
+    """The end-of-run message: the run, its headline metrics, the report and figures, the UI command."""
     metrics = result["metrics"]
-    uri = result["tracking_uri"]
-    typer.echo(
-        "\n".join(
-            [
-                "",
-                f"MLflow run:      {result['run_id']}",
-                f"test accuracy:   {metrics['test_accuracy']:.4f}",
-                f"test macro F1:   {metrics['test_macro_f1']:.4f}",
-                "report:          reports/report.html   (figures: reports/figures/, metrics: reports/metrics.json)",
-                f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
-                "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
-            ]
-        )
+    return "\n".join(
+        [
+            "",
+            f"MLflow run:      {result['run_id']}",
+            f"test accuracy:   {metrics['test_accuracy']:.4f}",
+            f"test macro F1:   {metrics['test_macro_f1']:.4f}",
+            "report:          reports/report.html   (figures: reports/figures/, metrics: reports/metrics.json)",
+            f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1 "
+            "--port 5000",
+            "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
+        ]
     )
 
 

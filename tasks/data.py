@@ -177,6 +177,7 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
     files = list_image_files(raw_dir)
     if not files:
         raise DataError(f"{raw_dir} holds no files: run the acquire stage first")
+    log.info("prepare: validating, de-duplicating and resizing %d files", len(files))
     staging = prepared_dir.with_name(prepared_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

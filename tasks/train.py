@@ -338,6 +338,7 @@ def train_classifier(
     first_epoch = len(progress.history)
     probe = (np.asarray(train_images[:PROBE_BATCH], dtype=np.float32), train_labels[:PROBE_BATCH])
 
+    log.info("train: building the model (conv blocks %s) and measuring its initialization", params.model.conv_filters)
     model = build_classifier(params.model, params.data.image_size, class_count, params.train.seed)
     model.compile(
         optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]

@@ -80,7 +80,9 @@ def test_flattening_rule_joins_keys_with_dots_and_writes_lists_as_yaml() -> None
     flat = flatten_params(load_params(code_root() / "params.yaml"))
     assert flat["train.early_stopping.patience"] == "4"
     assert flat["model.conv_filters"] == "[16, 32, 64]"
-    assert all(isinstance(value, str) for value in flat.values())
+    assert flat["model.batch_norm"] == "True" and flat["data.root"] == "None" and flat["train.learning_rate"] == "0.002"
+    assert flat["data.synthetic.images_per_class"] == "200"  # a nested section: every level joined
+    assert "train.early_stopping" not in flat and "data.synthetic" not in flat  # sections are not values
 
 
 def run_entry_and_list_heavy_modules(module: str, *arguments: str) -> subprocess.CompletedProcess[str]:

@@ -21,6 +21,8 @@ from tasks.params import code_root, load_params
 from tasks.tracking import configure_tracking
 from tests.conftest import tiny_params_tree
 
+pytestmark = pytest.mark.slow  # trainings in subprocesses, a whole pipeline
+
 
 def _write_params(workspace: Path, *overrides: str) -> None:
     (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(list(overrides)), sort_keys=False))
