@@ -35,7 +35,7 @@ from prefect import flow, task  # noqa: E402  (after the logging settings above)
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
 from tasks.cli import quiet_libraries  # noqa: E402
-from tasks.errors import quiet_expected_failures, run_entry  # noqa: E402
+from tasks.errors import quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.predict import DEFAULT_MODEL_URI, PredictionSummary, predict_folder  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per prediction batch.")] = 64,
 ) -> None:
     """Classify a folder of leaf images under Prefect and say where the results are."""
-    quiet_expected_failures()  # their one line is printed by run_entry, not a traceback by Prefect
+    quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
     result = predict_flow(folder=folder, model_uri=model, output=output, batch_size=batch_size)
     typer.echo(f"predicted {result['predicted']} images → {result['output_csv']}")
     if result["skipped"]:
@@ -85,4 +85,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_entry(lambda: app(prog_name="python -m flows.predict"))
+    run_command_line(app, "python -m flows.predict")

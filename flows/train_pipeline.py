@@ -27,7 +27,7 @@ from typing import Annotated, Any, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-from tasks.errors import UserError, quiet_expected_failures, run_entry  # noqa: E402
+from tasks.errors import UserError, quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
 # Our stage loggers ("tasks.*") go to the Prefect UI and console next to Prefect's own.
@@ -95,7 +95,7 @@ def main(
     from tasks.preflight import preflight
 
     preflight(load_params(params_file, overrides or []))  # in a second, before Prefect starts a server
-    quiet_expected_failures()  # their one line is printed by run_entry, not a traceback by Prefect
+    quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
     result = train_pipeline(overrides=overrides or [], params_file=params_file)
     typer.echo(where_to_look(result))
 
@@ -118,4 +118,4 @@ def where_to_look(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    run_entry(lambda: app(prog_name="python -m flows.train_pipeline"))
+    run_command_line(app, "python -m flows.train_pipeline")

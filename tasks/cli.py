@@ -17,7 +17,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from tasks.errors import run_entry
+from tasks.errors import run_command_line
 from tasks.params import Params, load_params
 
 log = logging.getLogger("tasks.cli")  # also under `python -m tasks.cli`, where __name__ is __main__
@@ -104,7 +104,7 @@ def check_params(overrides: OverridesOption = None, params_file: ParamsOption = 
 
 
 def main() -> None:
-    run_entry(lambda: app(prog_name="python -m tasks.cli"))
+    run_command_line(app, "python -m tasks.cli")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 EXIT_STATUS = 2  # as a command-line usage error: the input is wrong, not the program
 TRACEBACK_VARIABLE = "CASSAVA_TRACEBACK"
@@ -60,6 +60,31 @@ def run_entry(main: Callable[[], object]) -> None:
         main()
     except UserError as error:
         exit_on(error)
+
+
+class UsageError(UserError):
+    """The command line itself is wrong (an unknown option, a missing argument, a value out of range)."""
+
+
+def run_command_line(app: Any, prog_name: str) -> None:
+    """`run_entry` for a Typer app: its usage errors too end in one line with exit status 2 (not Click's
+    usage block and error box)."""
+    import typer
+
+    def main() -> None:
+        try:
+            status = app(prog_name=prog_name, standalone_mode=False)
+        except typer.TyperException as error:  # Typer's (vendored Click's) usage errors
+            message = error.format_message().rstrip(".")
+            if not message:  # no arguments at all: the help has been printed instead
+                raise SystemExit(EXIT_STATUS) from None
+            context = getattr(error, "ctx", None)
+            raise UsageError(f"{message}; see {context.command_path if context else prog_name} --help") from None
+        except typer.Abort:
+            raise SystemExit(130) from None  # Ctrl-C at a prompt, as a shell reports it
+        raise SystemExit(status if isinstance(status, int) else 0)
+
+    run_entry(main)
 
 
 def _expected_failure_names() -> set[str]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
 import typer
 
-from tasks.errors import UserError, run_entry
+from tasks.errors import UserError, run_command_line
 from tasks.register import CHAMPION_ALIAS, CLASSES_TAG, DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
@@ -284,4 +284,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_entry(lambda: app(prog_name="python -m tasks.predict"))
+    run_command_line(app, "python -m tasks.predict")
