@@ -13,7 +13,6 @@ neither MLflow nor Prefect (the probe uses the standard library), so a dead serv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import urllib.error
@@ -170,11 +169,3 @@ def check_command_line(argv: Sequence[str]) -> None:
         return
     preflight(load_params(known.params_file, known.overrides))
 
-
-def describe_data_source(data: DataParams) -> str:
-    """One line for the console: where the data comes from."""
-    if data.source in ("folder", "csv"):
-        return f"{data.source} data at {data_root(data)}"
-    if data.source == "synthetic":
-        return f"synthetic leaves ({json.dumps(data.synthetic.images_per_class)} per class)"
-    return "scikit-learn's digits"

@@ -53,7 +53,8 @@ def params_workspace(tmp_path: Path) -> Path:
         ("flows.predict", ["no/such/folder"], "error: no/such/folder is not a folder"),
         ("tasks.cli", ["train"], "error: train: data/prepared is missing: run the prepare stage first"),
         ("tasks.predict", ["no/such/folder"], "error: no/such/folder is not a folder"),
-        ("tasks.cli", ["train", "--epochs", "3"], "error: No such option: --epochs; see python -m tasks.cli train --help"),
+        ("tasks.cli", ["train", "--epochs", "3"],
+         "error: No such option: --epochs; see python -m tasks.cli train --help"),
         ("tasks.predict", ["photos", "--batch-size", "0"], "error: Invalid value for '--batch-size': Input should be"),
     ],
 )

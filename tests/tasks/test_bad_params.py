@@ -82,7 +82,8 @@ def leaf_mutations(path: tuple[str, ...], field: FieldInfo) -> Iterator[Mutation
     members = [_split(member) for member in _members(field.annotation)]
     bares = [bare for bare, _ in members]
     origins = {typing.get_origin(bare) or bare for bare in bares}
-    choices = [choice for bare in bares if typing.get_origin(bare) is typing.Literal for choice in typing.get_args(bare)]
+    choices = [choice for bare in bares if typing.get_origin(bare) is typing.Literal
+               for choice in typing.get_args(bare)]
 
     if str not in origins and not choices:
         yield Mutation("wrong type", key, path, "not-a-valid-value")

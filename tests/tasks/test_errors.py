@@ -57,7 +57,8 @@ def _record(name: str, message: str, error: BaseException | None = None) -> logg
         # Prefect's traceback and its failed-state lines for an expected failure: hidden.
         ("prefect.task_runs", "Task run failed with exception: DataError('x')", DataError("x"), False),
         ("prefect.flow_runs", "Encountered exception during execution: ParamsError('x')", ParamsError("x"), False),
-        ("prefect.task_runs", "Finished in state Failed('Task run encountered an exception DataError: x')", None, False),
+        ("prefect.task_runs", "Finished in state Failed('Task run encountered an exception DataError: x')",
+         None, False),
         ("prefect.flow_runs", "Finished in state Failed('Flow run encountered an exception: MissingInput: x')",
          None, False),
         # A bug: everything stays.
