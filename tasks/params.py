@@ -298,8 +298,9 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     try:
         tree = yaml.safe_load(params_file.read_text())
     except FileNotFoundError:
-        raise ParamsError(f"params file not found: {params_file}; run from the repository root or pass --params") \
-            from None
+        raise ParamsError(
+            f"params file not found: {params_file}; run from the repository root or pass --params"
+        ) from None
     except yaml.YAMLError as error:
         raise ParamsError(_describe_yaml_error(params_file, error)) from None
     if not tree:
