@@ -93,8 +93,9 @@ def test_filter_goes_on_the_console_handlers_once_and_not_with_the_traceback_var
 def test_every_expected_failure_of_the_stages_is_a_user_error() -> None:
     from tasks.data import DataError as StageDataError
     from tasks.predict import PredictionError
+    from tasks.train import TrainingDiverged
 
     assert StageDataError is DataError
-    for kind in (DataError, ParamsError, PredictionError):
+    for kind in (DataError, ParamsError, PredictionError, TrainingDiverged):
         assert issubclass(kind, UserError)
     assert issubclass(ParamsError, ValueError) and issubclass(DataError, ValueError)  # callers catching ValueError
