@@ -20,12 +20,16 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
 import typer
 
+from tasks.errors import run_command_line
 from tasks.names import CHAMPION_ALIAS, DEFAULT_MODEL_NAME
 from tasks.scoring import PredictionError
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
 
 log = logging.getLogger("tasks.predict")  # also under `python -m tasks.predict`, where __name__ is __main__
 
@@ -58,6 +62,33 @@ def skipped_csv_for(output_csv: Path) -> Path:
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
     return ["file", "class", "confidence", *(f"p_{name}" for name in class_names)]
+
+
+def load_model(model_uri: str) -> "PyFuncModel":
+    """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at."""
+    from tasks.scoring import load_pyfunc_model
+
+    with _missing_model_is_an_error(model_uri):
+        return load_pyfunc_model(model_uri)
+
+
+@contextlib.contextmanager
+def _missing_model_is_an_error(model_uri: str) -> Iterator[None]:
+    """Point MLflow at the tracking store; a model URI that names nothing there becomes a PredictionError."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import configure_tracking
+
+    store = configure_tracking()
+    try:
+        yield
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise PredictionError(
+            f"model {model_uri}: {error.message} in {store}; train and register one (python3 dev.py run), or pass "
+            "--model runs:/<run id>/model or models:/<name>/<version>"
+        ) from None
 
 
 def _folder_entries(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
@@ -112,12 +143,11 @@ def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: i
     import numpy as np
 
     from tasks.images import UnreadableImage, load_rgb_image
-    from tasks.scoring import load_pyfunc_model, model_class_names, model_image_size, predict_batches
+    from tasks.scoring import model_class_names, model_image_size, predict_batches
 
     folder, output_csv = Path(folder), Path(output_csv)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
-    model = load_pyfunc_model(model_uri)
+    require_folder(folder)
+    model = load_model(model_uri)
     image_size = model_image_size(model)
     run_id, class_names = model_class_names(model)
     summary = PredictionSummary(model_uri, run_id, class_names, image_size, output_csv, skipped_csv_for(output_csv))
@@ -163,14 +193,44 @@ def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: i
     return summary
 
 
+def require_folder(folder: Path) -> None:
+    if not Path(folder).is_dir():
+        raise PredictionError(f"{folder} is not a folder: give a folder of images")
+
+
+def check_prediction_inputs(folder: Path, model_uri: str) -> None:
+    """Before TensorFlow or Prefect load: the folder exists, the tracking store answers, the model exists (its
+    metadata only is read)."""
+    from tasks.preflight import cap_mlflow_http_retries, check_tracking_store, tracking_uri
+
+    require_folder(folder)
+    cap_mlflow_http_retries()
+    check_tracking_store(tracking_uri())
+    from mlflow.models import get_model_info
+
+    with _missing_model_is_an_error(model_uri):
+        get_model_info(model_uri)
+
+
+def check_prediction_command_line(argv: Sequence[str]) -> None:
+    """`check_prediction_inputs` for a command line (`FOLDER [--model URI]`), for an entry to call before it
+    imports Prefect; anything else (and --help) is left to the entry's own parser."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("folder", nargs="?")
+    parser.add_argument("-m", "--model", default=DEFAULT_MODEL_URI)
+    known, _ = parser.parse_known_args(list(argv))
+    if known.folder and not {"-h", "--help"} & set(argv):
+        check_prediction_inputs(Path(known.folder), known.model)
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def main(
-    folder: Annotated[
-        Path, typer.Argument(exists=True, file_okay=False, help="Folder of images (searched recursively).")
-    ],
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     model: Annotated[
         str,
         typer.Option(
@@ -185,20 +245,15 @@ def main(
 ) -> None:
     """Classify a folder of leaf images with an MLflow model (the tracking store: MLFLOW_TRACKING_URI, else
     mlflow.db at the repository root)."""
-    from mlflow.exceptions import MlflowException
-
     from tasks.cli import configure_logging
 
+    check_prediction_inputs(folder, model)
     configure_logging()
-    try:
-        summary = predict_folder(model, folder, output, batch_size)
-    except (MlflowException, PredictionError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    summary = predict_folder(model, folder, output, batch_size)
     typer.echo(f"predicted {summary.predicted} images → {summary.output_csv}")
     if summary.skipped:
         typer.echo(f"skipped {len(summary.skipped)} unreadable files → {summary.skipped_csv}")
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m tasks.predict")
+    run_command_line(app, "python -m tasks.predict")

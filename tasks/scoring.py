@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from tasks.errors import UserError
+
 if TYPE_CHECKING:
     import keras
     from mlflow.pyfunc import PyFuncModel
@@ -122,8 +124,9 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- MLflow models
 
 
-class PredictionError(RuntimeError):
-    """An MLflow model that cannot be scored or used for prediction (no signature, unknown class names)."""
+class PredictionError(UserError, RuntimeError):
+    """No such model or folder, or the model cannot be used for prediction (no signature, unknown class names);
+    str() says why and what to do."""
 
 
 @contextlib.contextmanager

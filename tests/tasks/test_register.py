@@ -91,6 +91,7 @@ def _gate_tags(result: GateResult) -> tuple[str, str]:
     return tags[GATE_DECISION_TAG], tags[GATE_REASON_TAG]
 
 
+@pytest.mark.slow
 def test_first_model_is_registered_and_becomes_champion(runs: dict[str, str]) -> None:
     result = _gate(runs["constant"], "first")
     assert result.decision.register and result.registered_version == 1 and result.champion_version is None
@@ -105,6 +106,7 @@ def test_first_model_is_registered_and_becomes_champion(runs: dict[str, str]) ->
     )
 
 
+@pytest.mark.slow
 def test_better_model_is_registered_and_takes_the_alias(runs: dict[str, str]) -> None:
     _gate(runs["constant"], "better")
     result = _gate(runs["oracle"], "better")
@@ -115,6 +117,7 @@ def test_better_model_is_registered_and_takes_the_alias(runs: dict[str, str]) ->
     assert reason == "test_macro_f1 0.9000 beats the champion's 0.8000 (champion: version 1)"
 
 
+@pytest.mark.slow
 def test_worse_model_is_rejected_and_the_alias_stays(runs: dict[str, str]) -> None:
     _gate(runs["oracle"], "worse")
     result = _gate(runs["constant"], "worse")
@@ -126,6 +129,7 @@ def test_worse_model_is_rejected_and_the_alias_stays(runs: dict[str, str]) -> No
     assert reason == "test_macro_f1 0.8000 does not beat the champion's 0.9000 (champion: version 1)"
 
 
+@pytest.mark.slow
 def test_model_below_the_minimum_is_rejected_and_not_registered(runs: dict[str, str]) -> None:
     result = _gate(runs["oracle"], "strict", minimum=0.95)
     assert not result.decision.register
@@ -133,6 +137,7 @@ def test_model_below_the_minimum_is_rejected_and_not_registered(runs: dict[str, 
     assert MlflowClient().search_registered_models("name = 'strict'") == []
 
 
+@pytest.mark.slow
 def test_champion_of_another_data_version_is_rescored_on_the_candidates_split(runs: dict[str, str]) -> None:
     _gate(runs["constant"], "rescored")  # 0.8 on v1; on the v2 split it always answers cbb: macro F1 1/6
     result = _gate(runs["oracle_v2"], "rescored")  # 0.7 < 0.8 recorded, but > 1/6 on the same split
@@ -145,6 +150,7 @@ def test_champion_of_another_data_version_is_rescored_on_the_candidates_split(ru
     assert result.tags()[GATE_CHAMPION_METRIC_TAG].startswith("0.1666")
 
 
+@pytest.mark.slow
 def test_a_better_model_at_a_new_image_size_beats_the_champion_scored_at_its_own_size(runs: dict[str, str]) -> None:
     _gate(runs["constant"], "resized")  # 8x8 inputs, 0.8 recorded on v1
     result = _gate(runs["oracle_16px"], "resized", image_size=16)  # the v3 test split holds 16x16 images
@@ -155,6 +161,7 @@ def test_a_better_model_at_a_new_image_size_beats_the_champion_scored_at_its_own
     assert "re-scored on data version v3 at its 8x8 input" in result.decision.reason
 
 
+@pytest.mark.slow
 def test_a_worse_model_at_a_new_image_size_loses_to_the_champion_scored_at_its_own_size(runs: dict[str, str]) -> None:
     _gate(runs["oracle"], "kept")  # 8x8 inputs
     result = _gate(runs["constant_16px"], "kept", image_size=16)
