@@ -202,8 +202,10 @@ def check_prediction_inputs(folder: Path, model_uri: str) -> None:
     """Before TensorFlow or Prefect load: the folder exists, the tracking store answers, the model exists (its
     metadata only is read)."""
     from tasks.preflight import cap_mlflow_http_retries, check_tracking_store, tracking_uri
+    from tasks.scoring import quiet_model_downloads
 
     require_folder(folder)
+    quiet_model_downloads()
     cap_mlflow_http_retries()
     check_tracking_store(tracking_uri())
     from mlflow.models import get_model_info

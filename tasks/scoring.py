@@ -143,15 +143,20 @@ def keras_progress_bars_off() -> Iterator[None]:
             keras.config.enable_interactive_logging()
 
 
+def quiet_model_downloads() -> None:
+    """No tqdm bar per artifact MLflow fetches from the store (a model is several files): set before fetching."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def load_pyfunc_model(model_uri: str) -> "PyFuncModel":
     """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at.
 
     MLflow's own requirement check (about 2 s: it resolves every pinned package's metadata) is replaced by
     a check of the one version that decides whether the saved model loads right: Keras.
     """
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a tqdm bar per download otherwise
+    quiet_model_downloads()
     import mlflow
     from keras import __version__ as keras_version
 

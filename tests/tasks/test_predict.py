@@ -140,6 +140,7 @@ def test_command_line_with_a_run_model_uri(champion: Champion, tmp_path: Path) -
         )
         assert result.exit_code == 0, result.output
     assert "predicted 4 images" in result.output and "skipped 3 unreadable files" in result.output
+    assert "━" not in result.output and "Downloading artifacts" not in result.output  # no Keras or MLflow bars
     assert len(_read_csv(output)) == 4 and len(_read_csv(tmp_path / "leaves" / "predictions.skipped.csv")) == 3
 
 
