@@ -109,7 +109,7 @@ def running_api() -> PrefectApi | None:
             )
         return PrefectApi(configured.rstrip("/"), "PREFECT_API_URL", "from PREFECT_API_URL")
     record = read_platform_record()
-    if record and _process_alive(record.get("prefect_pid", -1)) and healthy(record["prefect_api_url"]):
+    if record and _process_alive(record.get("platform_pid", -1)) and healthy(record["prefect_api_url"]):
         return PrefectApi(record["prefect_api_url"], "platform", f"the platform's, pid {record['platform_pid']}")
     return None
 
@@ -215,7 +215,8 @@ def server_environment(home: Path, ui: bool) -> dict[str, str]:
     return env
 
 
-def wait_until_healthy(url: str, guard: subprocess.Popen[bytes], limit: float = START_LIMIT_SECONDS) -> bool:
+def wait_until_healthy(url: str, guard: subprocess.Popen[bytes], limit: float = START_LIMIT_SECONDS,
+                       name: str = "Prefect") -> bool:
     """Poll the server's health while its process lives. No short deadline: load only slows the start.
 
     `limit` guards against a server that hangs for good, not against a slow one (default 15 minutes).
@@ -226,7 +227,7 @@ def wait_until_healthy(url: str, guard: subprocess.Popen[bytes], limit: float = 
         if healthy(url, timeout=5.0):
             return True
         if not noted and time.monotonic() - started > 30:
-            _stderr("Prefect: the server is still starting (the machine is busy); waiting")
+            _stderr(f"{name}: the server at {url} is still starting (the machine is busy); waiting")
             noted = True
         time.sleep(READY_POLL_SECONDS)
     return False

@@ -48,17 +48,19 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ET
 EXIT_WITH_PARENT_VARIABLE = "CASSAVA_EXIT_WITH_PARENT"
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only failures that can pass on their own. Bad data, bad params, a missing file or a wrong path fail
-    the same way every time; the tracking store's client already retries by itself (MLflow, requests)."""
+def is_transient(error: BaseException) -> bool:
+    """Whether a failure can pass on its own. Bad data, bad params, a missing file or a wrong path fail the same
+    way every time; the tracking store's client already retries by itself (MLflow, requests), for minutes."""
+    if not isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
+        return False
+    return isinstance(error, (TimeoutError, ConnectionError)) or error.errno in TRANSIENT_ERRNOS
+
+
+def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
-    except OSError as error:
-        if type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
-            return False
-        return isinstance(error, (TimeoutError, ConnectionError)) or error.errno in TRANSIENT_ERRNOS
-    except BaseException:
-        return False
+    except BaseException as error:
+        return is_transient(error)
     return False
 
 
@@ -70,7 +72,7 @@ def run_stage(stage: str, params: Params, run_id: str | None) -> str:
 
 @task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{stage}", retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5,
-      retry_condition_fn=_transient)
+      retry_condition_fn=_retry_if_transient)
 def run_data_stage(stage: str, params: Params, run_id: str | None) -> dict[str, Any]:
     """acquire or prepare: reads and writes data, where transient I/O failures happen; cached by its inputs.
 
