@@ -292,7 +292,9 @@ def _deep_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "int", "dict")))
+    # Union members appear in the location as type tags ("int", "dict[str,...]", "function-after[...]"), not keys.
+    key = ".".join(str(part) for part in error["loc"]
+                   if not (str(part) in ("int", "float") or str(part).startswith(("function-", "dict["))))
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, [str(part) for part in error["loc"][:-1]])
         return f"{key}: unknown key (allowed: {', '.join(allowed)})"
