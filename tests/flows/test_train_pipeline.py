@@ -1,10 +1,15 @@
-"""End to end under Prefect (a real temporary Prefect server): one MLflow run that tells the whole story."""
+"""End to end under Prefect (a real private Prefect server): one MLflow run that tells the whole story; data stages\ncached by their inputs; a failed run ends FAILED and notifies."""
 
 from __future__ import annotations
 
 import csv
+import errno
+import http.server
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -18,12 +23,14 @@ from tasks.tracking import dvc_data_version
 
 @pytest.fixture(scope="module")
 def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+    """The API entries use when no server runs: a private server for these tests (flows.prefect_api)."""
+    from flows.prefect_api import prefect_api
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    with prefect_api() as api:
+        yield api
 
 
+@pytest.mark.slow
 def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
     from flows.train_pipeline import train_pipeline
 
@@ -82,6 +89,7 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_flow_rejects_bad_params_before_running_anything(workspace: Path, prefect_server) -> None:
     from flows.train_pipeline import train_pipeline
     from tasks.params import ParamsError
@@ -89,3 +97,141 @@ def test_flow_rejects_bad_params_before_running_anything(workspace: Path, prefec
     with pytest.raises(ParamsError, match="train.optimizer = 'adagrad'"):
         train_pipeline(overrides=["train.optimizer=adagrad"])
     assert not (workspace / "data").exists()
+
+
+def _task_states(flow_run_id: str, expected: int) -> dict[str, str]:
+    """Final state names of a flow run's task runs, by task run name (the server records them from events)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 120
+    while True:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states = {run.name: run.state.name for run in task_runs if run.state and run.state.is_final()}
+        if len(states) >= expected or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, prefect_server) -> None:
+    from flows.train_pipeline import train_pipeline
+
+    first = train_pipeline()
+    raw_file = next((workspace / "data" / "raw").rglob("*.png"))
+    raw_written = raw_file.stat().st_mtime_ns
+    state = train_pipeline(return_state=True)
+    second = state.result()
+
+    states = _task_states(str(state.state_details.flow_run_id), expected=4)
+    assert states == {"acquire": "Cached", "prepare": "Cached", "train": "Completed", "evaluate": "Completed"}
+    assert raw_file.stat().st_mtime_ns == raw_written  # acquire really did not run
+    client = MlflowClient()
+    run = client.get_run(second["run_id"])
+    assert second["run_id"] != first["run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["cassava.data_version"] == client.get_run(first["run_id"]).data.tags["cassava.data_version"]
+    assert run.data.tags["cassava.carried_over_from"] == first["run_id"]  # the skipped stages' records come along
+    assert {"data.images_kept", "data.raw_files"} <= set(run.data.metrics)
+
+    (workspace / "data" / "prepare.mlflow.json").unlink()  # an output of prepare is gone: prepare runs again
+    state = train_pipeline(return_state=True)
+    assert _task_states(str(state.state_details.flow_run_id), expected=4)["prepare"] == "Completed"
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A real HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it."""
+    received: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_failed_run_ends_failed_with_the_reason_and_notifies(
+    workspace: Path, prefect_server, webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.train_pipeline import train_pipeline
+
+    url, received = webhook
+    monkeypatch.setenv("CASSAVA_NOTIFY_WEBHOOK", url)
+    (workspace / "photos").mkdir()  # no class folders: bad data, which must fail at once, without retries
+    state = train_pipeline(overrides=["data.source=folder", "data.root=photos"], return_state=True)
+
+    assert state.is_failed()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("cassava-folder")
+    (run,) = client.search_runs([experiment.experiment_id])  # one attempt: bad data is not retried
+    assert run.info.status == "FAILED"
+    assert "acquire: DataError" in run.data.tags["cassava.failure"] and "photos" in run.data.tags["cassava.failure"]
+    deadline = time.monotonic() + 30
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (message,) = received
+    assert message["state"] == "Failed" and message["flow"] == "cassava-train-pipeline"
+    assert message["flow_run_id"] == str(state.state_details.flow_run_id) and "photos" in message["reason"]
+
+
+def test_failure_marks_runs_left_running_or_finished_and_keeps_a_stage_s_reason(workspace: Path) -> None:
+    from tests.helpers import open_store
+    from tasks.tracking import fail_runs_of_flow_run
+
+    experiment_id = open_store()
+    client = MlflowClient()
+    runs = {}
+    for status in ("RUNNING", "FINISHED", "FAILED", "RUNNING"):
+        run = client.create_run(experiment_id, tags={"cassava.prefect_flow_run_id": "flow-run-1" if len(runs) < 3 else "other"})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        runs[run.info.run_id] = status
+    first, finished, failed, other = runs
+    client.set_tag(failed, "cassava.failure", "train: the stage's own reason")
+
+    assert sorted(fail_runs_of_flow_run("flow-run-1", "crashed: SIGKILL")) == sorted([first, finished])
+    assert [client.get_run(run).info.status for run in runs] == ["FAILED", "FAILED", "FAILED", "RUNNING"]
+    assert client.get_run(first).data.tags["cassava.failure"] == "crashed: SIGKILL"
+    assert client.get_run(failed).data.tags["cassava.failure"] == "train: the stage's own reason"
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (TimeoutError("read timed out"), True),
+        (ConnectionResetError("peer reset"), True),
+        (OSError(errno.EIO, "input/output error"), True),
+        (OSError(errno.ESTALE, "stale NFS handle"), True),
+        (FileNotFoundError(errno.ENOENT, "no such file"), False),
+        (PermissionError(errno.EACCES, "denied"), False),
+        (OSError(errno.ENOSPC, "disk full"), False),
+        (ValueError("bad value"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(error: BaseException, transient: bool) -> None:
+    from flows.train_pipeline import is_transient
+
+    assert is_transient(error) is transient
+
+
+def test_bad_data_params_and_tracking_errors_are_never_retried() -> None:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from flows.train_pipeline import is_transient
+    from tasks.data import DataError
+    from tasks.params import ParamsError
+
+    for error in (DataError("x"), ParamsError("y"), MlflowException("store unreachable"),
+                  requests.exceptions.ConnectionError("refused"), KeyboardInterrupt()):
+        assert not is_transient(error), error
