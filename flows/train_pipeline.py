@@ -97,7 +97,8 @@ def data_stage(stage: str, params: Params, run_id: str | None, upstream_ran: boo
         get_run_logger().info("%s: inputs unchanged and outputs intact: skipped (cached)", stage)
         return None, False
     get_run_logger().info("%s: inputs unchanged but its outputs changed since: running it again", stage)
-    return run_data_stage.with_options(refresh_cache=True)(stage, params, run_id)["run_id"], True
+    again = run_data_stage.with_options(refresh_cache=True, task_run_name=f"{stage} (outputs changed: run again)")
+    return again(stage, params, run_id)["run_id"], True
 
 
 @flow(name="cassava-train-pipeline", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
