@@ -65,7 +65,10 @@ def main(
     if not Path(folder).is_dir():
         typer.echo(f"error: {folder} is not a folder", err=True)  # before Prefect starts a server
         raise typer.Exit(2)
-    result = predict_flow(folder=folder, model_uri=model, output=output, batch_size=batch_size)
+    from flows.prefect_api import entry_prefect_api
+
+    with entry_prefect_api():  # a running Prefect server, or a private one; says which
+        result = predict_flow(folder=folder, model_uri=model, output=output, batch_size=batch_size)
     typer.echo(f"predicted {result['predicted']} images → {result['output_csv']}")
     if result["skipped"]:
         typer.echo(f"skipped {len(result['skipped'])} unreadable files → {result['skipped_csv']}")

@@ -96,6 +96,19 @@ def prefect_api(announce: Callable[[str], None] = _stderr) -> Iterator[PrefectAp
             yield api
 
 
+@contextlib.contextmanager
+def entry_prefect_api() -> Iterator[PrefectApi]:
+    """`prefect_api()` for a command-line entry: the line goes to stdout; no usable API exits 2 with one line."""
+    import typer
+
+    try:
+        with prefect_api(announce=typer.echo) as api:
+            yield api
+    except PrefectApiError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
 def running_api() -> PrefectApi | None:
     """The server named by PREFECT_API_URL or recorded by the platform, if it answers; else None."""
     from prefect.settings import get_current_settings

@@ -36,7 +36,7 @@ from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from flows.notifications import notify_failure  # noqa: E402
-from flows.prefect_api import PrefectApiError, prefect_api  # noqa: E402
+from flows.prefect_api import entry_prefect_api  # noqa: E402
 from flows.stage_cache import output_hashes, outputs_intact, stage_cache_key  # noqa: E402
 from tasks.cli import quiet_libraries, stage_entry  # noqa: E402
 from tasks.params import Params  # noqa: E402
@@ -132,12 +132,8 @@ def main(
     except ParamsError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    try:
-        with prefect_api(announce=typer.echo):
-            result = train_pipeline(overrides=overrides or [], params_file=params_file)
-    except PrefectApiError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    with entry_prefect_api():  # a running Prefect server, or a private one; says which
+        result = train_pipeline(overrides=overrides or [], params_file=params_file)
     metrics = result["metrics"]
     uri = result["tracking_uri"]
     typer.echo(
