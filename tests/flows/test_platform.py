@@ -269,6 +269,39 @@ def test_platform_runs_the_schedule_and_stops_everything(workspace: Path, tmp_pa
             platform.kill()
 
 
+@pytest.mark.reliability
+@pytest.mark.server
+def test_a_sigkilled_platform_leaves_no_process(workspace: Path, tmp_path: Path) -> None:
+    """kill -9 of the platform while a scheduled run trains: servers and the flow-run process all end."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["schedule"] = {"cron": None, "interval_seconds": 10, "timezone": "UTC", "overrides": []}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = tmp_path / "platform.log"
+    platform = _start(["-m", "flows.platform"], _entry_env(workspace, tmp_path / "prefect-home"), log)
+    try:
+        _wait_for_line(log, "Ctrl-C stops everything", platform)
+        record = json.loads((workspace / PLATFORM_RECORD).read_text())
+        deadline = time.monotonic() + RUN_LIMIT_SECONDS
+        while not any("spawn_main" in " ".join(_cmdline(pid)) for pid in _descendants(platform.pid)):
+            assert time.monotonic() < deadline and platform.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(5)  # let the flow run get going
+        seen = _descendants(platform.pid)
+        platform.send_signal(signal.SIGKILL)
+        platform.wait()
+        assert _wait_gone(seen, {record["prefect_group"], record["mlflow_group"]}, limit=90) == []
+    finally:
+        if platform.poll() is None:
+            platform.kill()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
 def _descendants(pid: int) -> set[int]:
     try:
         return {child.pid for child in psutil.Process(pid).children(recursive=True)}
