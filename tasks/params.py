@@ -253,10 +253,6 @@ class Params(_Section):
                 raise ValueError(f"schedule.overrides: {str(error).removeprefix('invalid params: ')}") from None
         return self
 
-    def scheduled(self) -> "Params":
-        """The params a scheduled run uses: these with `schedule.overrides` applied."""
-        return validate_params(apply_overrides(self.model_dump(), self.schedule.overrides))
-
 
 def parse_override(override: str) -> tuple[list[str], Any]:
     """Split `section.key=value` into its key path and its YAML-typed value (as `dvc exp run -S` does)."""
