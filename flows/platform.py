@@ -37,6 +37,7 @@ from flows.prefect_api import (
     use_api,
     wait_until_healthy,
 )
+from tasks.errors import run_command_line
 from tasks.params import Params, RetrainScheduleParams, load_params, workspace_root
 
 DEPLOYMENT_NAME = "scheduled-retraining"
@@ -169,29 +170,24 @@ def _alive(pid: int) -> bool:
     return pid > 0 and psutil.pid_exists(pid)
 
 
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
 def main(
     prefect_port: Annotated[Optional[int], typer.Option(help="Prefect server port (default: a free one).")] = None,
     mlflow_port: Annotated[Optional[int], typer.Option(help="MLflow UI port (default: a free one).")] = None,
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Start the local platform: Prefect server, MLflow UI, scheduled retraining; Ctrl-C stops it all."""
-    from tasks.params import ParamsError
-
-    try:
-        params = load_params(params_file)  # a bad schedule stops here, before any server starts
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    params = load_params(params_file)  # a bad schedule stops here (one line, exit 2), before any server starts
     # SIGTERM takes the Ctrl-C path: Prefect's runner shuts down on KeyboardInterrupt, then the servers stop.
     signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         run_platform(params, prefect_port, mlflow_port)
-    except PrefectApiError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("platform: stopped")
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_command_line(app, "python -m flows.platform")

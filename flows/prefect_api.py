@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from flows.child_processes import free_port, start_guarded, stop_guarded
+from tasks.errors import UserError
 
 PLATFORM_RECORD = Path(".prefect/platform.json")  # relative to the workspace; written by flows.platform
 READY_POLL_SECONDS = 0.5
@@ -43,8 +44,8 @@ START_LIMIT_SECONDS = float(os.environ.get("CASSAVA_PREFECT_START_LIMIT_SECONDS"
 PRIVATE_HOME_PREFIX = "cassava-prefect-"
 
 
-class PrefectApiError(RuntimeError):
-    """No Prefect API could be used; the message is one line saying which and what to do."""
+class PrefectApiError(UserError):
+    """No Prefect API could be used; the message is one line saying which and what to do (entries: exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -94,19 +95,6 @@ def prefect_api(announce: Callable[[str], None] = _stderr) -> Iterator[PrefectAp
         announce(api.describe())
         with use_api(api.url):
             yield api
-
-
-@contextlib.contextmanager
-def entry_prefect_api() -> Iterator[PrefectApi]:
-    """`prefect_api()` for a command-line entry: the line goes to stdout; no usable API exits 2 with one line."""
-    import typer
-
-    try:
-        with prefect_api(announce=typer.echo) as api:
-            yield api
-    except PrefectApiError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
 
 
 def running_api() -> PrefectApi | None:

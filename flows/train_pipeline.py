@@ -15,16 +15,27 @@ MLflow run FAILED and sends a notification (`flows.notifications`).
 
 from __future__ import annotations
 
-import errno
-import json
-import logging
-import os
-from typing import Annotated, Any, Optional
+import sys
 
-import typer
+if __name__ == "__main__":
+    # Before Prefect loads (seconds) or a server starts: bad params, a missing data root or a tracking store
+    # that does not answer end here, in one line with exit status 2.
+    from tasks.errors import run_entry
+    from tasks.preflight import check_command_line
 
-from flows.child_processes import exit_with_parent
-from tasks.params import ParamsError, load_params
+    run_entry(lambda: check_command_line(sys.argv[1:]))
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from typing import Annotated, Any, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from flows.child_processes import exit_with_parent  # noqa: E402
+from tasks.errors import UserError, quiet_expected_failures, run_command_line  # noqa: E402
+from tasks.params import load_params  # noqa: E402
 
 # Our stage loggers ("tasks.*") go to the Prefect UI and console next to Prefect's own.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
@@ -36,7 +47,7 @@ from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from flows.notifications import notify_failure  # noqa: E402
-from flows.prefect_api import entry_prefect_api  # noqa: E402
+from flows.prefect_api import prefect_api  # noqa: E402
 from flows.stage_cache import output_hashes, outputs_intact, stage_cache_key  # noqa: E402
 from tasks.cli import quiet_libraries, stage_entry  # noqa: E402
 from tasks.params import Params  # noqa: E402
@@ -48,10 +59,14 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ET
 EXIT_WITH_PARENT_VARIABLE = "CASSAVA_EXIT_WITH_PARENT"
 
 
+
 def is_transient(error: BaseException) -> bool:
-    """Whether a failure can pass on its own. Bad data, bad params, a missing file or a wrong path fail the same
-    way every time; the tracking store's client already retries by itself (MLflow, requests), for minutes."""
-    if not isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
+    """Whether a failure can pass on its own. Expected failures (bad data, bad params, a missing input, a
+    tracking store that does not answer), a missing file or a wrong path fail the same way every time; the
+    tracking store's client already retries by itself (MLflow, requests), for minutes."""
+    if isinstance(error, UserError) or not isinstance(error, OSError):
+        return False
+    if type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
         return False
     return isinstance(error, (TimeoutError, ConnectionError)) or error.errno in TRANSIENT_ERRNOS
 
@@ -120,6 +135,10 @@ def train_pipeline(overrides: list[str] | None = None, params_file: str | None =
     return {"run_id": run_id, "tracking_uri": configure_tracking(), "metrics": metrics}
 
 
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
 def main(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
@@ -127,29 +146,31 @@ def main(
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Run the cassava training pipeline once under Prefect and say where to look."""
-    try:
-        load_params(params_file, overrides or [])  # fail in under a second, before Prefect starts a server
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    with entry_prefect_api():  # a running Prefect server, or a private one; says which
+    from tasks.preflight import preflight
+
+    preflight(load_params(params_file, overrides or []))  # in a second, before Prefect starts a server
+    quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
+    with prefect_api(announce=typer.echo):  # a running Prefect server, or a private one; says which
         result = train_pipeline(overrides=overrides or [], params_file=params_file)
+    typer.echo(where_to_look(result))
+
+
+def where_to_look(result: dict[str, Any]) -> str:
+    """The end-of-run message: the run, its headline metrics, the report and figures, the UI command."""
     metrics = result["metrics"]
-    uri = result["tracking_uri"]
-    typer.echo(
-        "\n".join(
-            [
-                "",
-                f"MLflow run:      {result['run_id']}",
-                f"test accuracy:   {metrics['test_accuracy']:.4f}",
-                f"test macro F1:   {metrics['test_macro_f1']:.4f}",
-                "metrics file:    reports/metrics.json   (plots: reports/*.png)",
-                f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
-                "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
-            ]
-        )
+    return "\n".join(
+        [
+            "",
+            f"MLflow run:      {result['run_id']}",
+            f"test accuracy:   {metrics['test_accuracy']:.4f}",
+            f"test macro F1:   {metrics['test_macro_f1']:.4f}",
+            "report:          reports/report.html   (figures: reports/figures/, metrics: reports/metrics.json)",
+            f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1 "
+            "--port 5000",
+            "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
+        ]
     )
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_command_line(app, "python -m flows.train_pipeline")
