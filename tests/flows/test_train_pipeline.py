@@ -148,8 +148,9 @@ def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, p
     state = train_pipeline(return_state=True)
     second = state.result()
 
-    states = _task_states(str(state.state_details.flow_run_id), expected=4)
-    assert states == {"acquire": "Cached", "prepare": "Cached", "train": "Completed", "evaluate": "Completed"}
+    states = _task_states(str(state.state_details.flow_run_id), expected=5)
+    assert states == {"acquire": "Cached", "prepare": "Cached", "train": "Completed", "evaluate": "Completed",
+                      "register": "Completed"}
     assert raw_file.stat().st_mtime_ns == raw_written  # acquire really did not run
     client = MlflowClient()
     run = client.get_run(second["run_id"])
@@ -160,7 +161,7 @@ def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, p
 
     (workspace / "data" / "prepare.mlflow.json").unlink()  # an output of prepare is gone: prepare runs again
     state = train_pipeline(return_state=True)
-    states = _task_states(str(state.state_details.flow_run_id), expected=5)
+    states = _task_states(str(state.state_details.flow_run_id), expected=6)
     assert (states["prepare"], states["prepare (outputs changed: run again)"]) == ("Cached", "Completed")
 
 
