@@ -70,6 +70,7 @@ def load_or_exit(params_file: Path | None, overrides: list[str] | None) -> Param
 def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None) -> None:
     params = load_or_exit(params_file, overrides)
     configure_logging()
+    from tasks.backbones import BackboneError
     from tasks.data import DataError
 
     try:
@@ -77,6 +78,9 @@ def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None
     except DataError as error:
         typer.echo(f"error: {stage}: {error}", err=True)
         raise typer.Exit(1) from None
+    except BackboneError as error:  # bad input (weights not available): as a bad param
+        typer.echo(f"error: {stage}: {error}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{stage}: done (MLflow run {run_id})")
 
 

@@ -444,3 +444,18 @@ def _model_requirements() -> list[str]:
             metadata.version(name)
             names.append(name)
     return names
+
+
+def logged_model_source(model_uri: str) -> tuple[str, dict[str, str]]:
+    """(run id, params) of the run that logged the MLflow model at `model_uri` (runs:/…, models:/…@alias)."""
+    configure_tracking()
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    if not run_id:
+        raise mlflow.exceptions.MlflowException(f"{model_uri} was not logged in a run")
+    return run_id, MlflowClient().get_run(run_id).data.params
+
+
+def load_logged_keras_model(model_uri: str) -> Any:
+    """The Keras model behind an MLflow model URI (e.g. to start a new model from its backbone)."""
+    configure_tracking()
+    return mlflow.keras.load_model(model_uri)

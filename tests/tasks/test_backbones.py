@@ -1,0 +1,166 @@
+"""Backbones: every Keras application builds offline with every weights option that works offline, a `.keras`
+file and a `runs:/` source work and record their lineage, the offline ImageNet error is one immediate line,
+and freezing / unfreezing touch exactly the intended layers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tasks import backbones
+from tasks.backbones import BACKBONE_LAYER, BackboneError, build_backbone, file_sha256, leaf_layers, lineage_tags
+from tasks.model import build_classifier
+from tasks.params import ParamsError, code_root, validate_params
+from tasks.transfer import freeze_backbone, unfreeze_top_layers
+from tests.conftest import tiny_params_tree
+
+SIZE = 32  # the smallest size the applications accept: keeps every build here in about a second
+
+
+def _params(*overrides: str):
+    return validate_params(tiny_params_tree(list(overrides)))
+
+
+def _raw_images(count: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (count, SIZE, SIZE, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("application", ["mobilenet_v2", "efficientnet_b0", "resnet50_v2"])
+def test_each_application_builds_with_random_weights_and_takes_raw_pixels(application: str) -> None:
+    params = _params(f"model.backbone={application}", "model.backbone_alpha=0.35")
+    model = build_classifier(params.model, SIZE, num_classes=3, seed=0)
+    assert model.input_shape == (None, SIZE, SIZE, 3) and model.output_shape == (None, 3)
+    assert BACKBONE_LAYER in [layer.name for layer in model.layers]
+    probabilities = model.predict(_raw_images(), verbose=0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_local_weights_file_is_loaded_into_the_application_and_hashed(tmp_path: Path) -> None:
+    donor = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3), alpha=0.35)
+    donor.save_weights(tmp_path / "donor.weights.h5")
+    params = _params("model.backbone=mobilenet_v2", "model.backbone_alpha=0.35",
+                     f"model.backbone_weights={tmp_path / 'donor.weights.h5'}")
+    backbone = build_backbone(params.model, SIZE)
+    core = [layer for layer in backbone.layers if isinstance(layer, keras.Model)][0]
+    for mine, theirs in zip(core.get_weights(), donor.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+    assert lineage_tags(params.model)[backbones.TAG_SHA256] == file_sha256(tmp_path / "donor.weights.h5")
+
+
+def _save_tiny_backbone(path: Path, input_size: int | None, pooled: bool) -> Path:
+    """Any image model taking raw 0..255 pixels: here rescaling, two convolutions with batch norm."""
+    inputs = keras.Input((input_size, input_size, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, name="tiny_conv1")(x)
+    x = keras.layers.BatchNormalization(name="tiny_bn")(x)
+    x = keras.layers.Conv2D(6, 3, name="tiny_conv2")(x)
+    if pooled:
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, x).save(path)
+    return path
+
+
+@pytest.mark.parametrize(("input_size", "pooled"), [(None, False), (16, True)])
+def test_a_keras_file_is_a_backbone_of_fixed_or_free_size(tmp_path: Path, input_size: int | None, pooled: bool) -> None:
+    file = _save_tiny_backbone(tmp_path / "tiny.keras", input_size, pooled)
+    params = _params(f"model.backbone={file}")
+    model = build_classifier(params.model, SIZE, num_classes=3, seed=0)
+    assert model.input_shape == (None, SIZE, SIZE, 3)
+    backbone_names = [layer.name for layer in model.get_layer(BACKBONE_LAYER).layers]
+    assert ("to_backbone_size" in backbone_names) == (input_size is not None)  # resized inside the model
+    assert model.predict(_raw_images(), verbose=0).shape == (2, 3)
+    assert lineage_tags(params.model)[backbones.TAG_SHA256] == file_sha256(file)
+
+
+def test_freezing_and_unfreezing_touch_exactly_the_intended_layers() -> None:
+    params = _params("model.backbone=mobilenet_v2", "model.backbone_alpha=0.35")
+    model = build_classifier(params.model, SIZE, num_classes=3, seed=0)
+    head_weights = sum(len(model.get_layer(name).trainable_weights) for name in ("head_dense", "probabilities"))
+
+    freeze_backbone(model)
+    assert len(model.trainable_weights) == head_weights == 4
+
+    leaves = leaf_layers(model.get_layer(BACKBONE_LAYER))
+    top = 12
+    unfreeze_top_layers(model, top)
+    expected = sum(len(layer.weights) for layer in leaves[-top:] if not isinstance(layer, keras.layers.BatchNormalization))
+    assert expected > 0
+    assert len(model.trainable_weights) == head_weights + expected
+    assert not any(layer.trainable_weights for layer in leaves[:-top])
+    assert not any(layer.trainable_weights for layer in leaves if isinstance(layer, keras.layers.BatchNormalization))
+
+    unfreeze_top_layers(model, "all")
+    all_but_norms = sum(len(layer.weights) for layer in leaves if not isinstance(layer, keras.layers.BatchNormalization))
+    assert len(model.trainable_weights) == head_weights + all_but_norms
+    freeze_backbone(model)
+    assert len(model.trainable_weights) == head_weights
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.backbone=vgg16", "model.backbone = 'vgg16': expected none, mobilenet_v2, efficientnet_b0, resnet50_v2"),
+        ("model.backbone=missing.keras", "model.backbone = 'missing.keras': file not found"),
+        ("model.backbone_weights=weights.bin", "model.backbone_weights = 'weights.bin': expected none, imagenet"),
+        ("model.backbone_weights=missing.weights.h5", "model.backbone_weights = 'missing.weights.h5': file not found"),
+        ("model.backbone_weights=imagenet", "needs a Keras application as model.backbone"),
+        ("transfer.fine_tune_layers=top", "transfer.fine_tune_layers = 'top': expected a number of layers"),
+    ],
+)
+def test_bad_backbone_params_are_one_line_errors(override: str, expected: str) -> None:
+    with pytest.raises(ParamsError) as raised:
+        validate_params(tiny_params_tree([override]))
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_backbone_needs_32_pixels() -> None:
+    with pytest.raises(ParamsError, match="needs images of at least 32 pixels"):
+        validate_params(tiny_params_tree(["model.backbone=mobilenet_v2", "data.image_size=16"]))
+
+
+OFFLINE_HOST = "keras-weights.invalid"  # RFC 6761: a .invalid name never resolves, as offline
+
+
+def test_offline_imagenet_fails_at_once_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backbones, "IMAGENET_WEIGHTS_HOST", OFFLINE_HOST)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    params = _params("model.backbone=efficientnet_b0", "model.backbone_weights=imagenet")
+    started = time.perf_counter()
+    with pytest.raises(BackboneError) as raised:
+        backbones.check_imagenet_weights_available(params.model)
+    assert time.perf_counter() - started < backbones.NETWORK_CHECK_SECONDS + 1
+    message = str(raised.value)
+    assert "\n" not in message and "-S model.backbone_weights=/path/to/efficientnetb0_notop" in message
+    # Weights Keras already holds in its cache need no network.
+    (tmp_path / "keras" / "models").mkdir(parents=True)
+    (tmp_path / "keras" / "models" / "efficientnetb0_notop.h5").write_bytes(b"")
+    backbones.check_imagenet_weights_available(params.model)
+
+
+def test_offline_imagenet_stops_the_train_command_with_exit_2_before_tensorflow(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "import tasks.backbones\n"
+        f"tasks.backbones.IMAGENET_WEIGHTS_HOST = {OFFLINE_HOST!r}\n"
+        "from tasks.cli import main\n"
+        "sys.argv = ['cli', 'train', '-S', 'model.backbone=mobilenet_v2', '-S', 'model.backbone_weights=imagenet']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    print('tensorflow' in sys.modules, exit.code)\n"
+    )
+    environment = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "CASSAVA_WORKSPACE": str(tmp_path)}
+    (tmp_path / "params.yaml").write_text((code_root() / "params.yaml").read_text())
+    result = subprocess.run([sys.executable, "-c", script], cwd=code_root(), capture_output=True, text=True, timeout=120,
+                            env=environment)
+    assert result.stdout.split() == ["False", "2"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train: model.backbone_weights = imagenet: cannot download")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]  # no store, no run, no output
