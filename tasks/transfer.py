@@ -334,6 +334,8 @@ def train_transfer(
         else:
             model.set_weights(phase1_weights)  # fine-tuning did not beat the head alone: keep phase 1's model
     seconds = time.perf_counter() - started
+    if not model.compiled:  # phase 1 trained the head alone, on features
+        model.compile(optimizer=build_optimizer(params.train, 1), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     train_loss, train_accuracy = model.evaluate(batched_dataset(train_images, train_labels, params.train.batch_size), verbose=0)
     val_loss, val_accuracy = model.evaluate(batched_dataset(val_images, val_labels, params.train.batch_size), verbose=0)
