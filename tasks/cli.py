@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "prepare": "tasks.data:run_prepare",
     "train": "tasks.train:run_train",
     "evaluate": "tasks.evaluate:run_evaluate",
+    "pretrain": "tasks.pretrain:run_pretrain",  # source-task pretraining (a frozen DVC stage, outside the DAG)
 }
 
 app = typer.Typer(

@@ -293,6 +293,15 @@ class TransferParams(_Section):
     fine_tune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
 
 
+class PretrainParams(_Section):
+    """Source-task pretraining (tasks/pretrain.py): `overrides` on top of these params make the source run,
+    trained in its own workspace folder and logged in this project's tracking store."""
+
+    overrides: list[str] = [
+        "data.seed=2024", "data.synthetic.images_per_class=300", "tracking.experiment_name=cassava-pretrain",
+    ]
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -301,6 +310,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
+    pretrain: PretrainParams = PretrainParams()
 
     @model_validator(mode="after")
     def _backbone_sees_enough_pixels(self) -> "Params":

@@ -1,0 +1,54 @@
+"""Source-task pretraining as a Prefect flow: acquire → prepare → train on the source data set (params with
+`pretrain.overrides` on top), in its own workspace folder, logged as one MLflow run in the project's store.
+
+    python -m flows.pretrain                                   # the source set of params.yaml's pretrain section
+    python -m flows.pretrain -S 'pretrain.overrides=[data.source=digits]'
+
+It ends by printing the `-S model.backbone_weights=runs:/<run id>/model` a target run starts from (also in
+models/pretrained.json); the target run records it as its `cassava.backbone_source_run` tag.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from flows.train_pipeline import io_stage, run_stage  # (sets Prefect's logging up before Prefect loads)
+from prefect import flow
+from tasks.params import ParamsError, load_params
+
+
+@flow(name="cassava-pretrain", log_prints=True)
+def pretrain_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict[str, str]:
+    """Pretrain on the source set; return the source run id and the model URI to start a target run from."""
+    from tasks.pretrain import record_pretrained, source_workspace
+
+    params = load_params(params_file, overrides or [])
+    with source_workspace(params) as source:
+        run_id = io_stage("acquire", source, None)
+        run_id = io_stage("prepare", source, run_id)
+        run_id = run_stage("train", source, run_id)
+    return record_pretrained(run_id, source)
+
+
+def main(
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
+    ] = None,
+    params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
+) -> None:
+    """Pretrain a backbone on the source data set under Prefect and say how to start from it."""
+    from tasks.pretrain import source_params
+
+    try:
+        source_params(load_params(params_file, overrides or []))  # fail at once, before Prefect starts a server
+    except ParamsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    record = pretrain_flow(overrides=overrides or [], params_file=params_file)
+    typer.echo(f"\nsource run:  {record['run_id']}\nstart from:  {record['use_with']}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
