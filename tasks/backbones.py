@@ -118,23 +118,28 @@ def resolve_source(model_params: ModelParams) -> SourceModel | None:
     the backbone model.backbone names."""
     if not is_mlflow_source(model_params.backbone_weights):
         return None
+    source = describe_source(model_params.backbone_weights)
+    if source.backbone != model_params.backbone:
+        raise BackboneError(
+            f"model.backbone_weights = {model_params.backbone_weights!r}: run {source.run_id} trained backbone "
+            f"{source.backbone!r}, but model.backbone = {model_params.backbone!r}; set -S model.backbone={source.backbone}"
+        )
+    return source
+
+
+def describe_source(weights: str) -> SourceModel:
+    """The run behind an MLflow model URI or run id, and the backbone it trained."""
     from tasks.tracking import logged_model_source
 
-    uri = model_uri(model_params.backbone_weights)
+    uri = model_uri(weights)
     try:
         run_id, source_params = logged_model_source(uri)
     except Exception as error:  # MLflow raises several types for a missing run, model, alias or artifact
         raise BackboneError(
-            f"model.backbone_weights = {model_params.backbone_weights!r}: no such model in the tracking store "
+            f"model.backbone_weights = {weights!r}: no such model in the tracking store "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         ) from None
-    source_backbone = source_params.get("model.backbone", "none")
-    if source_backbone != model_params.backbone:
-        raise BackboneError(
-            f"model.backbone_weights = {model_params.backbone_weights!r}: run {run_id} trained backbone "
-            f"{source_backbone!r}, but model.backbone = {model_params.backbone!r}; set -S model.backbone={source_backbone}"
-        )
-    return SourceModel(uri=uri, run_id=run_id, backbone=source_backbone)
+    return SourceModel(uri=uri, run_id=run_id, backbone=source_params.get("model.backbone", "none"))
 
 
 def lineage_tags(model_params: ModelParams, source: SourceModel | None = None) -> dict[str, str]:

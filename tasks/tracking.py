@@ -459,3 +459,15 @@ def load_logged_keras_model(model_uri: str) -> Any:
     """The Keras model behind an MLflow model URI (e.g. to start a new model from its backbone)."""
     configure_tracking()
     return mlflow.keras.load_model(model_uri)
+
+
+def log_summary_run(experiment: str, run_name: str, params: dict[str, str], metrics: dict[str, float],
+                    tags: dict[str, str], files: list[Path], folder: str) -> str:
+    """One finished run holding an experiment flow's result (e.g. a comparison table and plot); its id."""
+    configure_tracking()
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name) as run:
+        mlflow.set_tags({**lineage_tags(), **tags})
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        log_artifacts(run.info.run_id, files, folder)
+    return run.info.run_id

@@ -54,3 +54,21 @@ def test_a_target_run_starts_from_a_pretrained_source_run_and_serves(workspace: 
     served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     probabilities = np.asarray(served.predict(np.asarray(images[:3], dtype=np.float32)))
     assert probabilities.shape == (3, 5) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_transfer_study_logs_a_parent_run_with_the_comparison(workspace: Path, prefect_server) -> None:
+    from flows.transfer_study import transfer_study
+
+    result = transfer_study(sizes=[4], seeds=[0], epochs=2, overrides=[SOURCE])
+
+    assert [(row["arm"], row["per_class"], row["seeds"]) for row in result["comparison"]] == [
+        ("scratch", 4, 1), ("pretrained", 4, 1)]
+    parent = MlflowClient().get_run(result["run_id"])
+    assert parent.info.status == "FINISHED"
+    source_run = json.loads((workspace / "models" / "pretrained.json").read_text())["run_id"]
+    assert parent.data.tags[TAG_SOURCE_RUN] == source_run
+    assert {"scratch.n4.mean", "pretrained.n4.mean", "gain.n4"} <= set(parent.data.metrics)
+    assert all(0.0 <= parent.data.metrics[key] <= 1.0 for key in ("scratch.n4.mean", "pretrained.n4.mean"))
+    artifacts = {item.path for item in MlflowClient().list_artifacts(result["run_id"], "study")}
+    assert artifacts == {"study/trials.csv", "study/comparison.csv", "study/comparison.png"}
