@@ -55,13 +55,15 @@ io_stage = run_stage.with_options(retries=2, retry_delay_seconds=5, retry_condit
 
 
 @flow(name="cassava-train-pipeline", log_prints=True)
-def train_pipeline(overrides: list[str] | None = None, params_file: str | None = None) -> dict[str, Any]:
+def train_pipeline(
+    overrides: list[str] | None = None, params_file: str | None = None, profile: str | None = None
+) -> dict[str, Any]:
     """Run every stage once; return the MLflow run id, the tracking URI and the test metrics."""
     from tasks.layout import METRICS_FILE
     from tasks.params import workspace_root
     from tasks.tracking import configure_tracking
 
-    params = load_params(params_file, overrides or [])
+    params = load_params(params_file, overrides or [], profile)
     quiet_libraries()
     run_id = io_stage("acquire", params, None)
     run_id = io_stage("prepare", params, run_id)
@@ -76,14 +78,15 @@ def main(
         Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
     ] = None,
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", help="Params profile, e.g. real-photos.")] = None,
 ) -> None:
     """Run the cassava training pipeline once under Prefect and say where to look."""
     try:
-        load_params(params_file, overrides or [])  # fail in under a second, before Prefect starts a server
+        load_params(params_file, overrides or [], profile)  # fail in under a second, before Prefect starts a server
     except ParamsError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    result = train_pipeline(overrides=overrides or [], params_file=params_file)
+    result = train_pipeline(overrides=overrides or [], params_file=params_file, profile=profile)
     metrics = result["metrics"]
     uri = result["tracking_uri"]
     typer.echo(

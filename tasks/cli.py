@@ -37,6 +37,9 @@ OverridesOption = Annotated[
     Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
 ]
 ParamsOption = Annotated[Optional[Path], typer.Option("--params", help="Params file (default: params.yaml).")]
+ProfileOption = Annotated[
+    Optional[str], typer.Option("--profile", help="A params profile (profiles/<name>.yaml), applied before -S.")
+]
 
 
 def quiet_libraries() -> None:
@@ -60,16 +63,16 @@ def stage_entry(stage: str) -> Callable[[Params, str | None], str]:
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def load_or_exit(params_file: Path | None, overrides: list[str] | None) -> Params:
+def load_or_exit(params_file: Path | None, overrides: list[str] | None, profile: str | None = None) -> Params:
     try:
-        return load_params(params_file, overrides or [])
+        return load_params(params_file, overrides or [], profile)
     except ParamsError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
 
 
-def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None) -> None:
-    params = load_or_exit(params_file, overrides)
+def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None, profile: str | None = None) -> None:
+    params = load_or_exit(params_file, overrides, profile)
     configure_logging()
     from tasks.backbones import BackboneError
     from tasks.data import DataError
@@ -86,8 +89,8 @@ def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None
 
 
 def _register(stage: str) -> None:
-    def command(overrides: OverridesOption = None, params_file: ParamsOption = None) -> None:
-        _run_stage(stage, params_file, overrides)
+    def command(overrides: OverridesOption = None, params_file: ParamsOption = None, profile: ProfileOption = None) -> None:
+        _run_stage(stage, params_file, overrides, profile)
 
     command.__doc__ = f"Run the {stage} stage ({STAGES[stage].replace(':', '.')})."
     app.command(stage)(command)
@@ -98,12 +101,27 @@ for _stage in STAGES:
 
 
 @app.command("check-params")
-def check_params(overrides: OverridesOption = None, params_file: ParamsOption = None) -> None:
+def check_params(overrides: OverridesOption = None, params_file: ParamsOption = None, profile: ProfileOption = None) -> None:
     """Validate params.yaml (and overrides) and print the resolved values, flattened as MLflow logs them."""
     from tasks.params import flatten_params
 
-    for key, value in flatten_params(load_or_exit(params_file, overrides)).items():
+    for key, value in flatten_params(load_or_exit(params_file, overrides, profile)).items():
         typer.echo(f"{key} = {value}")
+
+
+@app.command("profile")
+def profile_arguments(name: Annotated[str, typer.Argument(help="Profile name, e.g. real-photos.")]) -> None:
+    """Print a params profile as -S arguments: `dvc exp run $(python -m tasks.cli profile real-photos)`."""
+    import shlex
+
+    from tasks.params import profile_overrides
+
+    try:
+        overrides = profile_overrides(name)
+    except ParamsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(" ".join(f"-S {shlex.quote(override)}" for override in overrides))
 
 
 def main() -> None:

@@ -393,8 +393,35 @@ def validate_params(tree: Mapping[str, Any]) -> Params:
         raise ParamsError("invalid params: " + "; ".join(problems)) from None
 
 
-def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
-    """Read params.yaml (default: the one at the repository root), apply overrides, validate."""
+PROFILES_DIR = "profiles"
+
+
+def profile_overrides(name: str) -> list[str]:
+    """A params profile (`profiles/<name>.yaml`, a partial params tree) as `section.key=value` overrides, in the
+    order -S takes them: so a profile works on every entry, and with `dvc exp run` as -S arguments."""
+    file = code_root() / PROFILES_DIR / f"{name}.yaml"
+    if not file.is_file():
+        known = sorted(path.stem for path in (code_root() / PROFILES_DIR).glob("*.yaml"))
+        raise ParamsError(f"profile {name!r}: no {file.relative_to(code_root())} (profiles: {', '.join(known) or 'none'})")
+    overrides: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            overrides.append(f"{prefix}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}")
+
+    walk("", yaml.safe_load(file.read_text()) or {})
+    return overrides
+
+
+def load_params(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (), profile: str | None = None
+) -> Params:
+    """Read params.yaml (default: the one at the repository root), apply a profile's then the given overrides,
+    validate."""
+    overrides = [*(profile_overrides(profile) if profile else []), *overrides]
     params_file = Path(path) if path else workspace_root() / DEFAULT_PARAMS_FILE
     try:
         tree = yaml.safe_load(params_file.read_text()) or {}

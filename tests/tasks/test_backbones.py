@@ -17,7 +17,7 @@ import pytest
 from tasks import backbones
 from tasks.backbones import BACKBONE_LAYER, BackboneError, build_backbone, file_sha256, leaf_layers, lineage_tags
 from tasks.model import build_classifier
-from tasks.params import ParamsError, code_root, validate_params
+from tasks.params import ParamsError, code_root, load_params, validate_params
 from tasks.transfer import freeze_backbone, unfreeze_top_layers
 from tests.conftest import tiny_params_tree
 
@@ -164,3 +164,16 @@ def test_offline_imagenet_stops_the_train_command_with_exit_2_before_tensorflow(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train: model.backbone_weights = imagenet: cannot download")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]  # no store, no run, no output
+
+
+def test_the_real_photos_profile_is_one_flag_and_the_same_as_dvc_exp_run_arguments() -> None:
+    profiled = load_params(profile="real-photos")
+    assert profiled.model.backbone in ("mobilenet_v2", "efficientnet_b0") and profiled.train.class_weight == "balanced"
+    assert profiled.data.image_size >= 128 and profiled.model.augmentation.flip != "none"
+    printed = subprocess.run([sys.executable, "-m", "tasks.cli", "profile", "real-photos"], cwd=code_root(),
+                             capture_output=True, text=True, check=True).stdout.split()
+    as_arguments = [value for flag, value in zip(printed[::2], printed[1::2]) if flag == "-S"]
+    assert load_params(overrides=as_arguments) == profiled
+    assert load_params(profile="real-photos", overrides=["data.image_size=160"]).data.image_size == 160  # -S wins
+    with pytest.raises(ParamsError, match="profile 'nope': no profiles/nope.yaml"):
+        load_params(profile="nope")
