@@ -124,8 +124,18 @@ def build_transfer_classifier(model_params: ModelParams, image_size: int, num_cl
         for augmentation in augmentations:
             x = augmentation(x)
         x = layers.Rescaling(255.0, name="augment_out")(x)
-    x = build_backbone(model_params, image_size, resolve_source(model_params))(x, training=False)
-    x = layers.GlobalAveragePooling2D(name="pool")(x) if len(x.shape) == 4 else layers.Identity(name="pool")(x)
+    backbone = build_backbone(model_params, image_size, resolve_source(model_params))
+    if len(backbone.output.shape) == 2:
+        # Grad-CAM explains the last 4-D layer of this model's own graph (a nested model's output is its inner
+        # graph's): with a vector backbone that is the backbone's input, i.e. gradient-weighted pixels. (A
+        # Rescaling by 1, not Identity: Identity hands on the input tensor itself, which has no gradient.)
+        x = layers.Rescaling(1.0, name="backbone_input")(x)
+    x = backbone(x, training=False)
+    if len(x.shape) == 4:
+        x = layers.Identity(name="backbone_features")(x)  # the feature map Grad-CAM explains
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+    else:
+        x = layers.Identity(name="pool")(x)
     return keras.Model(inputs, classification_head(x, model_params, num_classes, seed), name="cassava_transfer")
 
 

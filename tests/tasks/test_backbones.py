@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tasks import backbones
+from tasks.analysis import last_conv_layer_name, saliency_maps
 from tasks.backbones import BACKBONE_LAYER, BackboneError, build_backbone, file_sha256, leaf_layers, lineage_tags
 from tasks.model import build_classifier
 from tasks.params import ParamsError, code_root, load_params, validate_params
@@ -77,6 +78,13 @@ def test_a_keras_file_is_a_backbone_of_fixed_or_free_size(tmp_path: Path, input_
     assert ("to_backbone_size" in backbone_names) == (input_size is not None)  # resized inside the model
     assert model.predict(_raw_images(), verbose=0).shape == (2, 3)
     assert lineage_tags(params.model)[backbones.TAG_SHA256] == file_sha256(file)
+    # Frozen (as after phase 1), saved and loaded as evaluation loads it, Grad-CAM still explains a spatial
+    # layer of the model's own graph.
+    freeze_backbone(model)
+    model.save(tmp_path / "classifier.keras")
+    loaded = keras.saving.load_model(tmp_path / "classifier.keras")
+    assert last_conv_layer_name(loaded) == ("backbone_input" if pooled else "backbone_features")
+    assert saliency_maps(loaded, _raw_images(), [0, 1]).shape == (2, SIZE, SIZE)
 
 
 def test_freezing_and_unfreezing_touch_exactly_the_intended_layers() -> None:
