@@ -109,6 +109,9 @@ def describe_run(params: Params, data_version: str | None) -> str:
     if params.tracking.run_name:
         return params.tracking.run_name
     architecture = "cnn" + "-".join(str(filters) for filters in params.model.conv_filters)
+    if params.model.is_transfer:  # e.g. mobilenet_v2-transfer, cnn-transfer (a pretrained run's CNN)
+        backbone = Path(params.model.backbone).stem if params.model.backbone.endswith(".keras") else params.model.backbone
+        architecture = f"{'cnn' if backbone == 'none' else backbone}-transfer"
     data_tag = data_version[:8] if data_version else "nodata"
     return f"{architecture}-{params.train.optimizer}-lr{params.train.learning_rate:g}-{data_tag}"
 
