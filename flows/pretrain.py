@@ -10,13 +10,24 @@ models/pretrained.json); the target run records it as its `cassava.backbone_sour
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import sys
 
-import typer
+if __name__ == "__main__":  # bad params or a dead tracking store: one line, before Prefect loads
+    from tasks.errors import run_entry
+    from tasks.preflight import check_command_line
 
-from flows.train_pipeline import io_stage, run_stage  # (sets Prefect's logging up before Prefect loads)
-from prefect import flow
-from tasks.params import ParamsError, load_params
+    run_entry(lambda: check_command_line(sys.argv[1:]))
+
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from flows.train_pipeline import io_stage, run_stage  # noqa: E402  (sets Prefect's logging up before Prefect loads)
+from prefect import flow  # noqa: E402
+from tasks.errors import run_command_line  # noqa: E402
+from tasks.params import load_params  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @flow(name="cassava-pretrain", log_prints=True)
@@ -32,6 +43,7 @@ def pretrain_flow(overrides: list[str] | None = None, params_file: str | None = 
     return record_pretrained(run_id, source)
 
 
+@app.command()
 def main(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
@@ -41,14 +53,10 @@ def main(
     """Pretrain a backbone on the source data set under Prefect and say how to start from it."""
     from tasks.pretrain import source_params
 
-    try:
-        source_params(load_params(params_file, overrides or []))  # fail at once, before Prefect starts a server
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    source_params(load_params(params_file, overrides or []))  # bad pretrain.overrides: before a server starts
     record = pretrain_flow(overrides=overrides or [], params_file=params_file)
     typer.echo(f"\nsource run:  {record['run_id']}\nstart from:  {record['use_with']}")
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_command_line(app, "python -m flows.pretrain")

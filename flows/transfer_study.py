@@ -11,16 +11,26 @@ downloaded here); its run id is the parent run's `cassava.backbone_source_run` t
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Optional
+import sys
 
-import typer
+if __name__ == "__main__":  # bad params or a dead tracking store: one line, before Prefect loads
+    from tasks.errors import run_entry
+    from tasks.preflight import check_command_line
 
-from flows.pretrain import pretrain_flow  # (flows.train_pipeline sets Prefect's logging up before Prefect loads)
-from prefect import flow, task
-from prefect.cache_policies import NONE as NO_CACHE
-from tasks.params import Params, ParamsError, load_params
+    run_entry(lambda: check_command_line(sys.argv[1:]))
 
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from flows.pretrain import pretrain_flow  # noqa: E402  (sets Prefect's logging up before Prefect loads)
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+from tasks.errors import run_command_line  # noqa: E402
+from tasks.params import Params, load_params  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 STUDY_FOLDER = Path("study")  # the target data and the study's tables, under the workspace
 
 
@@ -60,6 +70,7 @@ def transfer_study(
     return {"run_id": run_id, "comparison": summarize(trials), "files": [str(file) for file in files]}
 
 
+@app.command()
 def main(
     sizes: Annotated[Optional[list[int]], typer.Option("--sizes", help="Training images per class (repeatable).")] = None,
     seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds per size (repeatable).")] = None,
@@ -69,11 +80,6 @@ def main(
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Measure from scratch vs pretrained on small training sets; print the comparison table."""
-    try:
-        load_params(params_file, overrides or [])
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     result = transfer_study(sizes, seeds, epochs, source, overrides or [], params_file)
     typer.echo(f"\nparent run: {result['run_id']}\n{'arm':<11} {'per class':>9} {'mean':>7} {'std':>7}")
     for row in result["comparison"]:
@@ -81,4 +87,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_command_line(app, "python -m flows.transfer_study")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.errors import UserError
 from tasks.params import BACKBONE_APPLICATIONS, ModelParams, is_mlflow_source, resolve_path
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ TAG_SOURCE_RUN = "cassava.backbone_source_run"  # the MLflow run whose model's b
 TAG_SOURCE_URI = "cassava.backbone_source_uri"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError):
     """The backbone or its weights cannot be had; str() is one line saying what to do instead."""
 
 

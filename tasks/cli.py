@@ -1,8 +1,9 @@
 """Command line of the stages: `python -m tasks.cli <stage> [-S section.key=value ...]`.
 
 `dvc.yaml` runs exactly these commands, and the Prefect flow calls the same `run_<stage>` functions, so both
-paths share one definition of every stage. Params are validated before any heavy import: a bad value exits
-with status 2 and one line naming the key, the value and what is allowed.
+paths share one definition of every stage. Before any heavy import, params are validated and the stage's
+inputs and the tracking store checked (`tasks.preflight`): an expected failure (`tasks.errors.UserError`) exits
+with status 2 and one line saying what is wrong and what to do.
 """
 
 from __future__ import annotations
@@ -16,14 +17,25 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from tasks.params import Params, ParamsError, load_params
+from tasks.errors import run_command_line
+from tasks.params import Params, load_params
+
+log = logging.getLogger("tasks.cli")  # also under `python -m tasks.cli`, where __name__ is __main__
 
 STAGES: dict[str, str] = {
     "acquire": "tasks.data:run_acquire",
     "prepare": "tasks.data:run_prepare",
     "train": "tasks.train:run_train",
     "evaluate": "tasks.evaluate:run_evaluate",
-    "pretrain": "tasks.pretrain:run_pretrain",  # source-task pretraining (a frozen DVC stage, outside the DAG)
+    "pretrain": "tasks.pretrain:run_pretrain",  # source-task pretraining (pipelines/pretrain/dvc.yaml, outside the DAG)
+}
+# What a stage does before its first log line of its own (imports and set-up take seconds to tens of seconds).
+STAGE_ACTIVITY: dict[str, str] = {
+    "acquire": "writing the data source into data/raw",
+    "prepare": "validating, de-duplicating and splitting data/raw",
+    "train": "loading TensorFlow, building the model",
+    "evaluate": "loading TensorFlow and the model, scoring the test split",
+    "pretrain": "acquiring, preparing and training on the source data set in pretrain/",
 }
 
 app = typer.Typer(
@@ -58,33 +70,20 @@ def configure_logging() -> None:
 
 
 def stage_entry(stage: str) -> Callable[[Params, str | None], str]:
-    """The `run_<stage>(params, run_id)` function of a stage, imported only when it is about to run."""
+    """The `run_<stage>(params, run_id)` function of a stage, imported only when it is about to run (the
+    start is said first: importing a stage can take seconds)."""
+    log.info("%s: starting (%s)", stage, STAGE_ACTIVITY.get(stage, STAGES[stage]))
     module_name, function_name = STAGES[stage].split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def load_or_exit(params_file: Path | None, overrides: list[str] | None, profile: str | None = None) -> Params:
-    try:
-        return load_params(params_file, overrides or [], profile)
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-
-
 def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None, profile: str | None = None) -> None:
-    params = load_or_exit(params_file, overrides, profile)
-    configure_logging()
-    from tasks.backbones import BackboneError
-    from tasks.data import DataError
+    from tasks.preflight import preflight
 
-    try:
-        run_id = stage_entry(stage)(params, None)
-    except DataError as error:
-        typer.echo(f"error: {stage}: {error}", err=True)
-        raise typer.Exit(1) from None
-    except BackboneError as error:  # bad input (weights not available): as a bad param
-        typer.echo(f"error: {stage}: {error}", err=True)
-        raise typer.Exit(2) from None
+    params = load_params(params_file, overrides or [], profile)
+    preflight(params, stage)
+    configure_logging()
+    run_id = stage_entry(stage)(params, None)
     typer.echo(f"{stage}: done (MLflow run {run_id})")
 
 
@@ -105,7 +104,7 @@ def check_params(overrides: OverridesOption = None, params_file: ParamsOption = 
     """Validate params.yaml (and overrides) and print the resolved values, flattened as MLflow logs them."""
     from tasks.params import flatten_params
 
-    for key, value in flatten_params(load_or_exit(params_file, overrides, profile)).items():
+    for key, value in flatten_params(load_params(params_file, overrides or [], profile)).items():
         typer.echo(f"{key} = {value}")
 
 
@@ -116,16 +115,11 @@ def profile_arguments(name: Annotated[str, typer.Argument(help="Profile name, e.
 
     from tasks.params import profile_overrides
 
-    try:
-        overrides = profile_overrides(name)
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(" ".join(f"-S {shlex.quote(override)}" for override in overrides))
+    typer.echo(" ".join(f"-S {shlex.quote(override)}" for override in profile_overrides(name)))
 
 
 def main() -> None:
-    app(prog_name="python -m tasks.cli")
+    run_command_line(app, "python -m tasks.cli")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ def explain_model(
     gallery_png = figures_dir / "confidently_wrong.png"
     wrong = analysis.plot_confidently_wrong(test_images, probabilities, test_labels, names, gallery_png, settings.gallery_size)
 
+    log.info("evaluate: robustness curves (rotation, flip, blur) on %d test images", len(test_labels))
     predict = analysis.prediction_function(model, settings.batch_size)
     curves = {
         "rotation (degrees)": analysis.robustness_curve(predict, test_images, test_labels, analysis.rotate_images,
@@ -168,11 +169,13 @@ def explain_model(
     sample = analysis.sample_per_class(test_labels, settings.saliency_per_class, settings.seed)
     saliency_png = figures_dir / "saliency.png"
     if sample:
+        log.info("evaluate: Grad-CAM saliency for %d test images", len(sample))
         predicted = evaluation.predicted[sample]
         heatmaps = analysis.saliency_maps(model, test_images[sample], predicted)
         titles = [f"true {names[test_labels[i]]} / pred {names[p]}" for i, p in zip(sample, predicted)]
         analysis.plot_saliency_grid(test_images[sample], heatmaps, titles, saliency_png)
 
+    log.info("evaluate: train/test distribution shift (two-sample test on the model's embeddings)")
     train_images, _ = prepared.split("train")
     shift = analysis.distribution_shift(
         train_images, test_images, analysis.embedding_function(model, "pool", settings.batch_size), settings.seed,
@@ -228,12 +231,16 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
 
     from tasks import layout
     from tasks.analysis import ReportSection, write_html_report
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
-    reports_dir = root / layout.REPORTS_DIR
-    with stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
+    outputs = [layout.REPORTS_DIR / name for name in ("figures", "report.html", "failure_analysis.json",
+                                                      "test_predictions.csv", "metrics.json", "evaluate.mlflow.json")]
+    with staged_outputs(root, "evaluate", outputs) as staged, \
+            stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
+        reports_dir = staged.new / layout.REPORTS_DIR  # swapped in by staged.publish(), on success only
         model = keras.saving.load_model(root / layout.MODEL_DIR / "model.keras")
         test_images, test_labels = prepared.split("test")
         probabilities = predict_probabilities(model, test_images, params.evaluate.batch_size)
@@ -257,7 +264,9 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
         log.info("evaluate: test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images; report %s",
                  evaluation.metrics["test_accuracy"], evaluation.metrics["test_macro_f1"],
                  evaluation.metrics["test_expected_calibration_error"], len(test_labels), report)
-        artifacts = {path.resolve() for path in [*written, details_file, report, *figures_dir.glob("*.png")]}
+        staged_files = [*written, details_file, report, *figures_dir.glob("*.png")]
+        staged.publish()
+        artifacts = {(root / layout.REPORTS_DIR / path.relative_to(reports_dir)).resolve() for path in staged_files}
         run.complete(
             StageRecord(
                 "evaluate",

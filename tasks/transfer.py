@@ -27,7 +27,7 @@ import numpy as np
 from tasks.params import Params
 from tasks.prepared import PreparedData, batched_dataset
 from tasks.train import (
-    PROBE_BATCH, EpochCallback, Progress, TrainingDiverged, TrainingOutcome, TrainSummary, _callbacks,
+    EpochCallback, Progress, TrainingDiverged, TrainingOutcome, TrainSummary, _callbacks,
     balanced_class_weight, best_epoch_of, build_optimizer, gradient_flags, load_progress, monitor_mode,
     seed_everything, seed_state_variables, training_fingerprint,
 )
@@ -159,6 +159,8 @@ def fit_phase(
     """Fit `model` as one resumable training (tasks/train.py's callbacks), restore its best epoch."""
     import keras
 
+    from tasks.guards import AppliedGradientNorm, DivergenceGuard
+
     train_x, train_y, val_x, val_y = data
     phase_dir = backup_dir / f"phase{number}"
     progress = (load_progress(phase_dir, fingerprint) if params.train.resume else None) or Progress(fingerprint)
@@ -168,12 +170,12 @@ def fit_phase(
     model.compile(
         optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
+    guard = DivergenceGuard(params.train.divergence_factor, progress.reference_loss,
+                            lambda loss: setattr(progress, "reference_loss", loss))
     for state, saved in zip(seed_state_variables(model), progress.latest.get("seed_states", [])):
         state.assign(np.asarray(saved, dtype=keras.ops.convert_to_numpy(state).dtype))
-    probe = (np.asarray(train_x[:PROBE_BATCH], dtype=np.float32), train_y[:PROBE_BATCH])
     class_count = int(model.output.shape[-1])
     class_weight = balanced_class_weight(train_y, class_count) if params.train.class_weight == "balanced" else None
-    divergence: list[str] = []
     log.info("transfer: phase %d: %d trainable weights, epochs %d-%d, lr %g%s", number, len(model.trainable_weights),
              first_epoch + 1, params.train.epochs, params.train.learning_rate,
              f", resuming after epoch {first_epoch}" if first_epoch else "")
@@ -185,18 +187,21 @@ def fit_phase(
             validation_data=batched_dataset(val_x, val_y, batch_size),
             epochs=params.train.epochs,
             class_weight=class_weight,
-            callbacks=_callbacks(params, progress, phase_dir, checkpoint_file, probe, on_epoch, divergence),
+            callbacks=_callbacks(params, progress, phase_dir, checkpoint_file,
+                                 [AppliedGradientNorm(model.optimizer), guard], on_epoch),
             verbose=2,
             shuffle=False,
         )
     history = progress.history
-    if divergence or not all(math.isfinite(row["loss"]) for row in history):
+    if guard.reason or not all(math.isfinite(row["loss"]) for row in history):
         import shutil
 
         shutil.rmtree(backup_dir, ignore_errors=True)  # never resume into a diverged state
+        checkpoint_file.unlink(missing_ok=True)
         raise TrainingDiverged(
-            f"loss became NaN/inf in phase {number} at {divergence[0] if divergence else 'an epoch end'} "
-            f"(learning rate {params.train.learning_rate:g}); training stopped, no model saved"
+            f"training diverged in phase {number}: {guard.reason or 'loss became NaN/inf at an epoch end'} "
+            f"(learning rate {params.train.learning_rate:g}); training stopped, no model saved",
+            gradient_flags(history, params.train.gradients.vanishing_below, params.train.gradients.exploding_above),
         )
     stopping = params.train.early_stopping
     best_epoch = len(history)
