@@ -152,6 +152,10 @@ def preflight(params: Params, stage: str | None = None) -> None:
     a stage: what that stage reads (acquire: the data source). The tracking store in both cases."""
     if stage in (None, "acquire"):
         check_data_source(params.data)
+    if stage in (None, "train", "pretrain"):
+        from tasks.backbones import check_imagenet_weights_available
+
+        check_imagenet_weights_available(params.model)  # offline ImageNet weights: a second, not a failed download
     if stage is not None:
         check_stage_inputs(stage)
     cap_mlflow_http_retries()
