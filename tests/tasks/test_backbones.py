@@ -186,3 +186,27 @@ def test_the_real_photos_profile_is_one_flag_and_the_same_as_dvc_exp_run_argumen
     assert load_params(profile="real-photos", overrides=["data.image_size=160"]).data.image_size == 160  # -S wins
     with pytest.raises(ParamsError, match="profile 'nope': no profiles/nope.yaml"):
         load_params(profile="nope")
+
+
+@pytest.mark.slow
+def test_a_registered_model_or_a_run_id_is_a_source_and_a_wrong_one_is_one_line(workspace: Path) -> None:
+    from tests.helpers import IMAGE_SIZE, log_model_run, open_store, save_model_dir
+    from tests.tasks.test_predict import register_champion
+
+    cnn = build_classifier(_params().model, IMAGE_SIZE, num_classes=3, seed=0)  # a scratch CNN, as logged by a run
+    source_run = log_model_run(save_model_dir(cnn, workspace / "cnn"), open_store(), 0.5, "v1")
+    register_champion(source_run, "source-cnn")
+
+    for weights in ("models:/source-cnn@champion", source_run):
+        params = _params(f"model.backbone_weights={weights}")
+        assert lineage_tags(params.model, backbones.resolve_source(params.model))[backbones.TAG_SOURCE_RUN] == source_run
+        model = build_classifier(params.model, SIZE, num_classes=3, seed=0)
+        conv = model.get_layer(BACKBONE_LAYER).get_layer("source_features").get_layer("block2_conv")
+        np.testing.assert_array_equal(conv.get_weights()[0], cnn.get_layer("block2_conv").get_weights()[0])
+        assert model.predict(_raw_images(), verbose=0).shape == (2, 3)  # resized to the source's 8 px inside
+
+    with pytest.raises(BackboneError, match="trained backbone 'none', but model.backbone = 'mobilenet_v2'"):
+        backbones.resolve_source(_params("model.backbone=mobilenet_v2", f"model.backbone_weights={source_run}").model)
+    with pytest.raises(BackboneError, match="no such model in the tracking store") as raised:
+        backbones.resolve_source(_params("model.backbone_weights=models:/no-such-model@champion").model)
+    assert "\n" not in str(raised.value)
