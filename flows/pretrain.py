@@ -22,9 +22,10 @@ from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-from flows.train_pipeline import io_stage, run_stage  # noqa: E402  (sets Prefect's logging up before Prefect loads)
+from flows.train_pipeline import run_stage  # noqa: E402  (sets Prefect's logging up before Prefect loads)
 from prefect import flow  # noqa: E402
-from tasks.errors import run_command_line  # noqa: E402
+from flows.prefect_api import prefect_api  # noqa: E402
+from tasks.errors import quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -37,8 +38,8 @@ def pretrain_flow(overrides: list[str] | None = None, params_file: str | None = 
 
     params = load_params(params_file, overrides or [])
     with source_workspace(params) as source:
-        run_id = io_stage("acquire", source, None)
-        run_id = io_stage("prepare", source, run_id)
+        run_id = run_stage("acquire", source, None)  # (not the pipeline's cached data stages: another workspace)
+        run_id = run_stage("prepare", source, run_id)
         run_id = run_stage("train", source, run_id)
     return record_pretrained(run_id, source)
 
@@ -54,7 +55,9 @@ def main(
     from tasks.pretrain import source_params
 
     source_params(load_params(params_file, overrides or []))  # bad pretrain.overrides: before a server starts
-    record = pretrain_flow(overrides=overrides or [], params_file=params_file)
+    quiet_expected_failures()
+    with prefect_api(announce=typer.echo):  # a running Prefect server, or a private one
+        record = pretrain_flow(overrides=overrides or [], params_file=params_file)
     typer.echo(f"\nsource run:  {record['run_id']}\nstart from:  {record['use_with']}")
 
 

@@ -27,7 +27,8 @@ import typer  # noqa: E402
 from flows.pretrain import pretrain_flow  # noqa: E402  (sets Prefect's logging up before Prefect loads)
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
-from tasks.errors import run_command_line  # noqa: E402
+from flows.prefect_api import prefect_api  # noqa: E402
+from tasks.errors import quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.params import Params, load_params  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -80,7 +81,9 @@ def main(
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Measure from scratch vs pretrained on small training sets; print the comparison table."""
-    result = transfer_study(sizes, seeds, epochs, source, overrides or [], params_file)
+    quiet_expected_failures()
+    with prefect_api(announce=typer.echo):  # a running Prefect server, or a private one
+        result = transfer_study(sizes, seeds, epochs, source, overrides or [], params_file)
     typer.echo(f"\nparent run: {result['run_id']}\n{'arm':<11} {'per class':>9} {'mean':>7} {'std':>7}")
     for row in result["comparison"]:
         typer.echo(f"{row['arm']:<11} {row['per_class']:>9} {row['mean']:>7.3f} {row['std']:>7.3f}")

@@ -311,6 +311,41 @@ class PretrainParams(_Section):
     ]
 
 
+class RetrainScheduleParams(_Section):
+    """When `python -m flows.platform` retrains: a cron expression or a fixed interval (not both; neither serves
+    the deployment without a schedule), in a timezone, each run with these overrides on top of params.yaml."""
+
+    cron: str | None = "0 3 * * *"  # minute hour day-of-month month day-of-week
+    interval_seconds: Annotated[float, Field(gt=0)] | None = None
+    timezone: str = "UTC"  # an IANA name, e.g. Europe/Paris: cron times are local to it
+    overrides: list[str] = []  # section.key=value, as -S takes them
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetrainScheduleParams":
+        from datetime import datetime
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from cronsim import CronSim, CronSimError
+
+        if self.cron is not None and self.interval_seconds is not None:
+            raise ValueError("schedule.cron and schedule.interval_seconds are both set: keep one, set the other to null")
+        if self.cron is not None:
+            try:
+                CronSim(self.cron, datetime.now())
+            except CronSimError as error:
+                raise ValueError(f"schedule.cron = {self.cron!r}: not a cron expression ({error}); "
+                                 "expected 'minute hour day-of-month month day-of-week', e.g. '0 3 * * *'") from None
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"schedule.timezone = {self.timezone!r}: not a known time zone "
+                             "(an IANA name such as 'UTC' or 'Europe/Paris')") from None
+        for override in self.overrides:
+            if override.strip().startswith("schedule."):
+                raise ValueError(f"schedule.overrides: {override!r} changes the schedule itself; set it directly")
+        return self
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -320,6 +355,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
     pretrain: PretrainParams = PretrainParams()
+    schedule: RetrainScheduleParams = RetrainScheduleParams()
 
     @model_validator(mode="after")
     def _backbone_sees_enough_pixels(self) -> "Params":
@@ -338,6 +374,18 @@ class Params(_Section):
     @property
     def fine_tune_learning_rate(self) -> float:
         return self.transfer.fine_tune_learning_rate or self.train.learning_rate * self.transfer.fine_tune_lr_factor
+
+    @model_validator(mode="after")
+    def _scheduled_overrides_valid(self) -> "Params":
+        """A scheduled run's overrides are checked now, not at 3 a.m. when the run starts."""
+        if self.schedule.overrides:
+            tree = self.model_dump()
+            tree["schedule"]["overrides"] = []
+            try:
+                validate_params(apply_overrides(tree, self.schedule.overrides))
+            except ParamsError as error:
+                raise ValueError(f"schedule.overrides: {str(error).removeprefix('invalid params: ')}") from None
+        return self
 
     @model_validator(mode="after")
     def _gate_metric_is_scored(self) -> "Params":
@@ -393,7 +441,9 @@ def _deep_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "int", "dict")))
+    # Union members appear in the location as type tags ("int", "dict[str,...]", "function-after[...]"), not keys.
+    key = ".".join(str(part) for part in error["loc"]
+                   if not (str(part) in ("int", "float") or str(part).startswith(("function-", "dict["))))
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, [str(part) for part in error["loc"][:-1]])
         return f"{key}: unknown key (allowed: {', '.join(allowed)})"

@@ -154,26 +154,32 @@ def lineage_tags() -> dict[str, str]:
     for library in TRACKED_LIBRARIES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"{TAG_PREFIX}version.{library}"] = metadata.version(library)
-    trigger, flow_run_id = _trigger()
+    trigger, prefect_ids = _trigger()
     tags[TAG_PREFIX + "trigger"] = trigger
-    if flow_run_id:
-        tags[TAG_PREFIX + "prefect_flow_run_id"] = flow_run_id
+    tags.update({TAG_PREFIX + key: value for key, value in prefect_ids.items()})
     for variable in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         if os.environ.get(variable):
             tags[TAG_PREFIX + variable.lower()] = os.environ[variable]
     return tags
 
 
-def _trigger() -> tuple[str, str | None]:
+def _trigger() -> tuple[str, dict[str, str]]:
+    """What started the run ("schedule": a deployment's schedule, "prefect", "dvc", "cli") and its Prefect ids."""
     # Prefect is only consulted when already imported: the DVC and CLI paths must not pay its import time.
     if "prefect" in sys.modules:
-        from prefect.runtime import flow_run
+        from prefect.context import FlowRunContext
+        from prefect.runtime import deployment, flow_run
 
         if flow_run.id:
-            return "prefect", str(flow_run.id)
+            ids = {"prefect_flow_run_id": str(flow_run.id)}
+            if deployment.id:
+                ids["prefect_deployment_id"] = str(deployment.id)
+            context = FlowRunContext.get()
+            scheduled = bool(context and context.flow_run and context.flow_run.auto_scheduled)
+            return ("schedule" if scheduled else "prefect"), ids
     if os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"):
-        return "dvc", None
-    return "cli", None
+        return "dvc", {}
+    return "cli", {}
 
 
 def read_pointer(pointer_file: Path | None) -> tuple[str | None, list[StageRecord]]:
@@ -474,3 +480,22 @@ def log_summary_run(experiment: str, run_name: str, params: dict[str, str], metr
         mlflow.log_metrics(metrics)
         log_artifacts(run.info.run_id, files, folder)
     return run.info.run_id
+
+
+def fail_runs_of_flow_run(flow_run_id: str, reason: str) -> list[str]:
+    """End FAILED, with `reason`, the runs of a failed or crashed Prefect flow run that are not ended as such.
+
+    A stage that raised has already ended its run FAILED (or KILLED, if interrupted) with its own reason, which
+    is kept; this catches the rest: a run left RUNNING by a crash, or FINISHED before the flow failed later.
+    """
+    configure_tracking()
+    client = MlflowClient()
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_PREFIX}prefect_flow_run_id` = '{flow_run_id}'")
+    failed = []
+    for run in runs:
+        if run.info.status in ("RUNNING", "FINISHED", "SCHEDULED"):
+            client.set_tag(run.info.run_id, TAG_PREFIX + "failure", reason[:5000])
+            client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+    return failed
