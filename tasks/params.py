@@ -270,16 +270,26 @@ def validate_params(tree: Mapping[str, Any]) -> Params:
 
 def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
     """Read params.yaml (default: the one at the repository root), apply overrides, validate."""
+    return validate_params(apply_overrides(read_params_tree(path), overrides))
+
+
+def read_params_tree(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The params file as a tree, not yet validated (default: params.yaml in the workspace)."""
     params_file = Path(path) if path else workspace_root() / DEFAULT_PARAMS_FILE
+    return read_yaml_mapping(params_file, "params", "a mapping of sections (data, model, train, ...)", ParamsError)
+
+
+def read_yaml_mapping(file: Path, what: str, expected: str, error_class: type[ValueError]) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; `error_class` with one line naming the file otherwise."""
     try:
-        tree = yaml.safe_load(params_file.read_text()) or {}
+        tree = yaml.safe_load(file.read_text()) or {}
     except FileNotFoundError:
-        raise ParamsError(f"params file not found: {params_file}") from None
+        raise error_class(f"{what} file not found: {file}") from None
     except yaml.YAMLError as error:
-        raise ParamsError(f"{params_file}: not valid YAML ({error})") from None
+        raise error_class(f"{file}: not valid YAML ({error})") from None
     if not isinstance(tree, dict):
-        raise ParamsError(f"{params_file}: expected a mapping of sections (data, model, train, ...)")
-    return validate_params(apply_overrides(tree, overrides))
+        raise error_class(f"{file}: expected {expected}")
+    return tree
 
 
 def flatten_params(params: Params) -> dict[str, str]:

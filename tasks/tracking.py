@@ -82,6 +82,25 @@ def configure_tracking() -> str:
     return uri
 
 
+def allow_concurrent_writers(uri: str) -> None:
+    """Put a SQLite store in write-ahead-log mode, once (the mode is stored in the file), before several
+    processes log into it at once (a sweep's children).
+
+    In SQLite's default rollback-journal mode a reader that wants to write while another process writes can
+    fail at once with "database is locked", whatever the busy timeout (MLflow sets 20 s per session); in WAL
+    mode readers never block the writer and writers queue on the busy timeout. Other stores: nothing to do.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    connection = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it if needed. With the default store its artifacts go to an absolute
     folder next to mlflow.db: MLflow's default, ./mlruns under the working directory, would put a queued
