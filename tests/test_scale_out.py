@@ -112,7 +112,8 @@ def postgres() -> Iterator[str]:
         connection.autocommit = True
         connection.cursor().execute("CREATE DATABASE mlflow")
         connection.close()
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        # The driver named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3; the lock has psycopg2.
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         _stop(server, signal.SIGINT)
         shutil.rmtree(folder, ignore_errors=True)
@@ -170,7 +171,7 @@ def test_pipeline_tracks_into_a_postgresql_backed_mlflow_server(
     probabilities = model.predict(np.load(workspace / MODEL_DIR / "input_example.npy"))
     assert np.allclose(np.asarray(probabilities).sum(axis=1), 1.0, atol=1e-4)
 
-    with psycopg2.connect(postgres) as connection, connection.cursor() as cursor:  # it is really in PostgreSQL
+    with psycopg2.connect(postgres.replace("+psycopg2", "")) as connection, connection.cursor() as cursor:  # it is really in PostgreSQL
         cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
         assert cursor.fetchone() == ("FINISHED",)
     assert not (workspace / "mlflow.db").exists() and not (workspace / "mlartifacts").exists()
