@@ -141,6 +141,7 @@ def mlflow_server(postgres: str, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.server
+@pytest.mark.timeout(1500)  # MLflow's schema in PostgreSQL, then the whole pipeline: 8.5 min at load 10
 def test_pipeline_tracks_into_a_postgresql_backed_mlflow_server(
     workspace: Path, postgres: str, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,6 +188,7 @@ def _run(command: list[str], cwd: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_default_dvc_remote_round_trip(tmp_path: Path) -> None:
     """The committed default remote (a folder next to the checkout): push, wipe cache and outputs, pull, and
     `dvc repro` has nothing to do."""
