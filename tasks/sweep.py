@@ -160,8 +160,8 @@ def check_spec(spec: SweepSpec) -> None:
     if not spec.swept_keys:
         raise SweepError("nothing to sweep: give a key with two or more values, e.g. -S train.learning_rate=0.001,0.01")
     for key, axis in spec.parameters.items():
-        if key.startswith("data."):
-            # The data is prepared once and shared by every point; a data key would change it per point.
+        if key.startswith("data.") and key in spec.swept_keys:
+            # The data is prepared once and shared by every point (a fixed data.* override is fine).
             raise SweepError(f"sweep parameter {key}: data.* keys cannot be swept (the data is prepared once for "
                              "all points); run one sweep per data setting")
         if isinstance(axis, list) and not axis:

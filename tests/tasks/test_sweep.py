@@ -57,6 +57,7 @@ def test_grid_is_every_combination_in_order_and_overrides_round_trip(tiny_params
     assert [(point["train.learning_rate"], point["model.dropout"]) for point in points] == [
         (0.001, 0), (0.001, 0.3), (0.01, 0), (0.01, 0.3)]
     assert all(point["train.epochs"] == 2 for point in points)
+    assert load_spec(None, ["data.image_size=16", "model.dropout=0,0.3"]).swept_keys == ["model.dropout"]
     assert sweep_title(spec, len(points)) == "sweep lr×dropout (4)"
     assert describe_point(points[1], spec.swept_keys) == "lr=0.001 dropout=0.3"
     params = load_params(None, point_overrides({"model.conv_filters": [8, 16], "train.learning_rate": 0.01}))
