@@ -24,16 +24,14 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 import yaml
 
-from tasks.params import DEFAULT_PARAMS_FILE, ParamsError, load_params, read_params_tree, workspace_root
-from tasks.sweep import SweepError, expand_points, load_spec, point_overrides, sweep_title, validate_points
+from tasks.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params, read_params_tree, workspace_root
+from tasks.sweep import SweepError, SweepSpec, expand_points, load_spec, point_overrides, sweep_title, validate_points
 
-from flows.train_pipeline import io_stage  # noqa: E402  (sets Prefect's logging before Prefect loads)
-
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
-from prefect.futures import wait  # noqa: E402
-
-from tasks.sweep_runs import PointJob, read_outcome, run_point_process  # noqa: E402
+from flows.train_pipeline import io_stage  # first: it sets Prefect's logging before Prefect loads
+from prefect import flow, task
+from prefect.cache_policies import NONE as NO_CACHE
+from prefect.futures import wait
+from tasks.sweep_runs import PointJob, read_outcome, run_point_process
 
 DASK_ADDRESS_ENV = "CASSAVA_DASK_ADDRESS"
 
@@ -68,7 +66,7 @@ def gate_best_child(run_id: str, params_file: str | None, base_overrides: list[s
 
 
 def _plan(spec_file: str | None, axes: list[str], random_budget: int | None, seed: int | None,
-          metric: str | None, params_file: str | None):
+          metric: str | None, params_file: str | None) -> tuple[SweepSpec, list[dict[str, Any]], list[str], Params]:
     """The spec, its points, the fixed overrides, and every point validated through the params schema."""
     spec = load_spec(spec_file, axes, random_budget, seed, metric)
     points = expand_points(spec)
@@ -121,7 +119,7 @@ def sweep(
         futures = [sweep_point.submit(job) for job in jobs]
         wait(futures)
         results = collect_results(jobs)
-        best = log_summary(parent, results, spec.swept_keys, sweep_metric, yaml.safe_dump(_spec_record(spec)),
+        best = log_summary(parent, results, spec.swept_keys, sweep_metric, yaml.safe_dump(spec.as_record(), sort_keys=False),
                            sweep_dir / "summary")
         gate = None
         if best is not None and base.registry.enabled:
@@ -145,14 +143,6 @@ def sweep(
         "gate": gate,
         "results": [result.__dict__ for result in results],
         "failed": len(failed),
-    }
-
-
-def _spec_record(spec) -> dict[str, Any]:
-    """The spec as logged with the parent run (ranges written out)."""
-    return {
-        "method": spec.method, "budget": spec.budget, "seed": spec.seed, "metric": spec.metric,
-        "parameters": {key: axis if isinstance(axis, list) else axis.__dict__ for key, axis in spec.parameters.items()},
     }
 
 

@@ -75,6 +75,15 @@ class SweepSpec:
     dask_address: str | None = None
     workers: int | None = None
 
+    def as_record(self) -> dict[str, Any]:
+        """The spec as logged with the parent run (ranges written out)."""
+        return {
+            "method": self.method, "budget": self.budget, "seed": self.seed, "metric": self.metric,
+            "parameters": {key: axis if isinstance(axis, list) else dict(distribution=axis.kind, low=axis.low,
+                                                                         high=axis.high)
+                           for key, axis in self.parameters.items()},
+        }
+
     @property
     def swept_keys(self) -> list[str]:
         """Keys that take more than one value (the others are fixed overrides)."""

@@ -88,6 +88,9 @@ def test_spec_file_with_command_line_on_top(tmp_path: Path) -> None:
     assert (spec.method, spec.budget, spec.seed, spec.metric, spec.workers) == ("random", 3, 7, "test_accuracy", 2)
     assert spec.parameters["model.dropout"] == [0.1, 0.4]
     assert sweep_title(spec, 3) == "random sweep lr×dropout (3)"
+    logged = tmp_path / "logged.yaml"  # the spec as the parent run logs it reads back as the same spec
+    logged.write_text(yaml.safe_dump(spec.as_record(), sort_keys=False))
+    assert expand_points(load_spec(logged)) == expand_points(spec)
 
 
 @pytest.mark.parametrize("axes, random_budget, message", [
