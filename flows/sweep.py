@@ -173,13 +173,13 @@ def prefect_api_for_workers() -> Iterator[str]:
     Dask workers are other processes: without PREFECT_API_URL in their environment each would start a
     temporary Prefect server of its own, and the points' task runs would not show with the flow. So: the
     configured server if there is one, else Prefect's temporary server started here (the same one the flow
-    then uses: Prefect keeps one per process), stopped on exit.
+    then uses: Prefect keeps one per process). Prefect stops that server at interpreter exit, after its log and
+    event workers have flushed: stopping it here first made them retry a dead server for 2 minutes.
     """
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = PREFECT_API_URL.value()
-    server = None
     if not url:
         server = SubprocessASGIServer()
         server.start()
@@ -194,8 +194,6 @@ def prefect_api_for_workers() -> Iterator[str]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
-        if server is not None:
-            server.stop()
 
 
 def run_sweep(axes: list[str], spec_file: str | None = None, random_budget: int | None = None, seed: int | None = None,
