@@ -156,7 +156,7 @@ def test_pipeline_tracks_into_a_postgresql_backed_mlflow_server(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     (workspace / "mlflow.db").unlink()  # nothing may land in a local store
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):
         result = train_pipeline()
     assert result["tracking_uri"] == mlflow_server
     client = MlflowClient(mlflow_server)

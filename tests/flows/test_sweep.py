@@ -30,7 +30,7 @@ LIGHT_EVALUATION = ["evaluate.rotation_angles=[0]", "evaluate.blur_sigmas=[0]", 
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):  # its first start took 180 s at load 9
         yield
 
 
