@@ -24,8 +24,8 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 import yaml
 
-from tasks.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params, read_params_tree, workspace_root
-from tasks.sweep import SweepError, SweepSpec, expand_points, load_spec, point_overrides, sweep_title, validate_points
+from tasks.params import DEFAULT_PARAMS_FILE, Params, load_params, read_params_tree, workspace_root
+from tasks.sweep import SweepSpec, expand_points, load_spec, point_overrides, sweep_title, validate_points
 
 from flows.train_pipeline import io_stage  # first: it sets Prefect's logging before Prefect loads
 from prefect import flow, task
@@ -226,9 +226,12 @@ def main(
     keep_workspaces: Annotated[bool, typer.Option(help="Keep every point's folder under sweeps/.")] = False,
 ) -> None:
     """Run a grid or random sweep over any params keys; compare the children under one parent in MLflow."""
-    try:
-        _plan(spec_file, axes or [], random_budget, seed, metric, params_file)  # before Prefect or Dask start
-    except (SweepError, ParamsError) as error:
+    from tasks.errors import UserError
+    from tasks.preflight import preflight
+
+    try:  # bad points, an unreachable tracking store, ...: one line, before a server or a cluster starts
+        preflight(_plan(spec_file, axes or [], random_budget, seed, metric, params_file)[3])
+    except UserError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     result = run_sweep(axes or [], spec_file, random_budget, seed, metric, params_file, workers, address,

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from tasks.params import ParamsError, apply_overrides, read_yaml_mapping, validate_params
+from tasks.errors import UserError
+from tasks.params import ParamsError, apply_overrides, validate_params
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint")
 # Short names for the sweep's title; any other key is named by its last part.
@@ -42,7 +43,7 @@ SUMMARY_METRICS = ("test_accuracy", "test_macro_f1", "train.best_val_accuracy", 
 _DISTRIBUTION_CALL = re.compile(r"^\s*(uniform|loguniform|randint)\s*\((.*)\)\s*$")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep spec is invalid; the message is one line naming the key or point and what to do."""
 
 
@@ -136,8 +137,7 @@ def load_spec(path: str | Path | None, axes: Sequence[str] = (), random_budget: 
     """The sweep spec from a YAML file (optional) with command-line axes, `--random N`, `--seed`, `--metric` on top."""
     tree: dict[str, Any] = {}
     if path:
-        tree = read_yaml_mapping(Path(path), "sweep", "a mapping with `parameters:` (and method, budget, seed, metric)",
-                                 SweepError)
+        tree = _read_spec_file(Path(path))
         unknown = sorted(set(tree) - set(_SPEC_KEYS))
         if unknown:
             raise SweepError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(_SPEC_KEYS)})")
@@ -161,6 +161,20 @@ def load_spec(path: str | Path | None, axes: Sequence[str] = (), random_budget: 
     )
     check_spec(spec)
     return spec
+
+
+def _read_spec_file(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise SweepError(f"sweep file not found: {file}")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        raise SweepError(f"{where}: not valid YAML: {getattr(error, 'problem', None) or error}") from None
+    if not isinstance(tree, dict):
+        raise SweepError(f"{file}: expected a mapping with `parameters:` (and method, budget, seed, metric)")
+    return tree
 
 
 def check_spec(spec: SweepSpec) -> None:
