@@ -500,6 +500,11 @@ def load_params(
     """Read params.yaml (default: the one at the repository root), apply a profile's then the given overrides,
     validate."""
     overrides = [*(profile_overrides(profile) if profile else []), *overrides]
+    return validate_params(apply_overrides(read_params_tree(path), overrides))
+
+
+def read_params_tree(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The params file as a tree, not yet validated (a sweep applies each point's overrides to it)."""
     params_file = Path(path) if path else workspace_root() / DEFAULT_PARAMS_FILE
     try:
         tree = yaml.safe_load(params_file.read_text())
@@ -515,7 +520,7 @@ def load_params(
                           "(restore it with `git checkout params.yaml`)")
     if not isinstance(tree, dict):
         raise ParamsError(f"{params_file}: expected a mapping of sections ({', '.join(Params.model_fields)})")
-    return validate_params(apply_overrides(tree, overrides))
+    return tree
 
 
 def _describe_yaml_error(params_file: Path, error: yaml.YAMLError) -> str:
