@@ -117,7 +117,9 @@ def data_stage(stage: str, params: Params, run_id: str | None, upstream_ran: boo
 
 
 @flow(name="cassava-train-pipeline", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
-def train_pipeline(overrides: list[str] | None = None, params_file: str | None = None) -> dict[str, Any]:
+def train_pipeline(
+    overrides: list[str] | None = None, params_file: str | None = None, profile: str | None = None
+) -> dict[str, Any]:
     """Run every stage once; return the MLflow run id, the tracking URI and the test metrics."""
     from tasks.layout import METRICS_FILE
     from tasks.params import workspace_root
@@ -125,7 +127,7 @@ def train_pipeline(overrides: list[str] | None = None, params_file: str | None =
 
     if os.environ.get(EXIT_WITH_PARENT_VARIABLE):
         exit_with_parent()
-    params = load_params(params_file, overrides or [])
+    params = load_params(params_file, overrides or [], profile)
     quiet_libraries()
     run_id, acquired = data_stage("acquire", params, None, upstream_ran=False)
     run_id, _ = data_stage("prepare", params, run_id, upstream_ran=acquired)
@@ -145,14 +147,15 @@ def main(
         Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
     ] = None,
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", help="Params profile, e.g. real-photos.")] = None,
 ) -> None:
     """Run the cassava training pipeline once under Prefect and say where to look."""
     from tasks.preflight import preflight
 
-    preflight(load_params(params_file, overrides or []))  # in a second, before Prefect starts a server
+    preflight(load_params(params_file, overrides or [], profile))  # in a second, before Prefect starts a server
     quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
     with prefect_api(announce=typer.echo):  # a running Prefect server, or a private one; says which
-        result = train_pipeline(overrides=overrides or [], params_file=params_file)
+        result = train_pipeline(overrides=overrides or [], params_file=params_file, profile=profile)
     typer.echo(where_to_look(result))
 
 

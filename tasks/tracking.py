@@ -82,6 +82,26 @@ def configure_tracking() -> str:
     return uri
 
 
+def allow_concurrent_writers(uri: str) -> None:
+    """Put a SQLite store in write-ahead-log mode, once (the mode is stored in the file), before several
+    processes log into it at once (a sweep's children).
+
+    MLflow already waits up to 20 s for a lock (busy_timeout, per session), which is what keeps concurrent
+    writers from failing with "database is locked" (tests/flows/test_sweep.py: 4 concurrent writers, no
+    error, also without WAL). WAL adds that readers (the parent's queries, the MLflow UI) and the writer no
+    longer block each other, so those waits are shorter and rarer. Other stores: nothing to do.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    connection = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it if needed. With the default store its artifacts go to an absolute
     folder next to mlflow.db: MLflow's default, ./mlruns under the working directory, would put a queued
@@ -109,6 +129,9 @@ def describe_run(params: Params, data_version: str | None) -> str:
     if params.tracking.run_name:
         return params.tracking.run_name
     architecture = "cnn" + "-".join(str(filters) for filters in params.model.conv_filters)
+    if params.model.is_transfer:  # e.g. mobilenet_v2-transfer, cnn-transfer (a pretrained run's CNN)
+        backbone = Path(params.model.backbone).stem if params.model.backbone.endswith(".keras") else params.model.backbone
+        architecture = f"{'cnn' if backbone == 'none' else backbone}-transfer"
     data_tag = data_version[:8] if data_version else "nodata"
     return f"{architecture}-{params.train.optimizer}-lr{params.train.learning_rate:g}-{data_tag}"
 
@@ -450,6 +473,33 @@ def _model_requirements() -> list[str]:
             metadata.version(name)
             names.append(name)
     return names
+
+
+def logged_model_source(model_uri: str) -> tuple[str, dict[str, str]]:
+    """(run id, params) of the run that logged the MLflow model at `model_uri` (runs:/…, models:/…@alias)."""
+    configure_tracking()
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    if not run_id:
+        raise mlflow.exceptions.MlflowException(f"{model_uri} was not logged in a run")
+    return run_id, MlflowClient().get_run(run_id).data.params
+
+
+def load_logged_keras_model(model_uri: str) -> Any:
+    """The Keras model behind an MLflow model URI (e.g. to start a new model from its backbone)."""
+    configure_tracking()
+    return mlflow.keras.load_model(model_uri)
+
+
+def log_summary_run(experiment: str, run_name: str, params: dict[str, str], metrics: dict[str, float],
+                    tags: dict[str, str], files: list[Path], folder: str) -> str:
+    """One finished run holding an experiment flow's result (e.g. a comparison table and plot); its id."""
+    configure_tracking()
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name) as run:
+        mlflow.set_tags({**lineage_tags(), **tags})
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        log_artifacts(run.info.run_id, files, folder)
+    return run.info.run_id
 
 
 def fail_runs_of_flow_run(flow_run_id: str, reason: str) -> list[str]:
