@@ -241,7 +241,7 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
             [ReportSection("Learning curves", "", figures_dir / "learning_curves.png"), *sections], header, warnings,
         )
         for warning in warnings:
-            log.warning("evaluate: %s", warning)
+            log.warning("evaluate: warning: %s", warning)
         log.info("evaluate: test accuracy %.4f (majority-class baseline %.4f), macro F1 %.4f, ECE %.4f on %d images; "
                  "report %s", evaluation.metrics["test_accuracy"], baseline[1], evaluation.metrics["test_macro_f1"],
                  evaluation.metrics["test_expected_calibration_error"], len(test_labels), root / layout.EVALUATION_REPORT)
