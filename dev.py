@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     commands = {
         "run": ["-m", "flows.train_pipeline"],
         "test": ["-m", "pytest"],
-        "platform": ["-m", "flows.platform"],
+        "platform": ["-m", "flows.local_platform"],
         "setup": None,
     }
     if not argv or argv[0] not in commands:

@@ -84,7 +84,7 @@ def exit_with_parent(grace: float = STOP_GRACE_SECONDS) -> None:
     """Make this process end when its parent dies (SIGTERM to itself, then SIGKILL after `grace` seconds).
 
     For processes started by code we do not control, such as the flow-run processes Prefect's runner spawns
-    under `flows.platform`: a daemon thread watches `getppid()`.
+    under `flows.local_platform`: a daemon thread watches `getppid()`.
     """
     parent = os.getppid()
 

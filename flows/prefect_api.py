@@ -5,7 +5,7 @@ picks, in this order, and says which in one line ("Prefect: using the server at 
 
 1. the server named by `PREFECT_API_URL` (environment or Prefect profile), if it answers; if it does not,
    the entry stops with one line naming it (the user asked for that server);
-2. the platform's server (`python -m flows.platform`), recorded in `<workspace>/.prefect/platform.json`,
+2. the platform's server (`python -m flows.local_platform`), recorded in `<workspace>/.prefect/platform.json`,
    if its process is alive and it answers;
 3. otherwise a private server for this run only: `uvicorn` serving Prefect's app on a free 127.0.0.1 port,
    with its own PREFECT_HOME in a temporary folder (runs started together never share a database),
@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 from flows.child_processes import free_port, start_guarded, stop_guarded
 from tasks.errors import UserError
 
-PLATFORM_RECORD = Path(".prefect/platform.json")  # relative to the workspace; written by flows.platform
+PLATFORM_RECORD = Path(".prefect/platform.json")  # relative to the workspace; written by flows.local_platform
 READY_POLL_SECONDS = 0.5
 HEALTH_TIMEOUT_SECONDS = 15.0  # one health request; a busy server on a loaded machine answers slowly
 START_LIMIT_SECONDS = float(os.environ.get("CASSAVA_PREFECT_START_LIMIT_SECONDS", "900"))  # a hung server, not load

@@ -312,7 +312,7 @@ class PretrainParams(_Section):
 
 
 class RetrainScheduleParams(_Section):
-    """When `python -m flows.platform` retrains: a cron expression or a fixed interval (not both; neither serves
+    """When `python -m flows.local_platform` retrains: a cron expression or a fixed interval (not both; neither serves
     the deployment without a schedule), in a timezone, each run with these overrides on top of params.yaml."""
 
     cron: str | None = "0 3 * * *"  # minute hour day-of-month month day-of-week

@@ -48,7 +48,7 @@ def test_bad_schedules_are_rejected_by_name(override: str, message: str) -> None
 
 
 def test_schedule_becomes_prefect_schedules_with_the_overrides() -> None:
-    from flows.platform import prefect_schedules
+    from flows.local_platform import prefect_schedules
 
     params = load_params(code_root() / "params.yaml", ["schedule.cron=30 2 * * 1-5", "schedule.timezone=Europe/Paris",
                                                        "schedule.overrides=[train.epochs=30]"])
@@ -236,7 +236,7 @@ def test_platform_runs_the_schedule_and_stops_everything(workspace: Path, tmp_pa
     params["schedule"] = {"cron": None, "interval_seconds": 15, "timezone": "UTC", "overrides": ["train.epochs=2"]}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = tmp_path / "platform.log"
-    platform = _start(["-m", "flows.platform"], _entry_env(workspace, tmp_path / "prefect-home"), log)
+    platform = _start(["-m", "flows.local_platform"], _entry_env(workspace, tmp_path / "prefect-home"), log)
     seen: set[int] = set()
     try:
         _wait_for_line(log, "Ctrl-C stops everything", platform)
@@ -277,7 +277,7 @@ def test_a_sigkilled_platform_leaves_no_process(workspace: Path, tmp_path: Path)
     params["schedule"] = {"cron": None, "interval_seconds": 10, "timezone": "UTC", "overrides": []}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = tmp_path / "platform.log"
-    platform = _start(["-m", "flows.platform"], _entry_env(workspace, tmp_path / "prefect-home"), log)
+    platform = _start(["-m", "flows.local_platform"], _entry_env(workspace, tmp_path / "prefect-home"), log)
     try:
         _wait_for_line(log, "Ctrl-C stops everything", platform)
         record = json.loads((workspace / PLATFORM_RECORD).read_text())

@@ -1,7 +1,7 @@
 """The local platform in one command: a Prefect server, the MLflow UI, and the training flow served on a schedule.
 
-    python -m flows.platform                                  # or: python3 dev.py platform
-    python -m flows.platform --prefect-port 4200 --mlflow-port 5000
+    python -m flows.local_platform                                  # or: python3 dev.py platform
+    python -m flows.local_platform --prefect-port 4200 --mlflow-port 5000
 
 It starts (or reuses, when PREFECT_API_URL names a running one) a Prefect server with its UI, scheduler and
 database under `<workspace>/.prefect/server`, starts `mlflow server` on the workspace's tracking store with
@@ -190,4 +190,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_command_line(app, "python -m flows.platform")
+    run_command_line(app, "python -m flows.local_platform")
