@@ -75,9 +75,11 @@ def write_reports(evaluation: Evaluation, history_file: Path, reports_dir: Path)
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    from tasks.layout import write_metrics
+
     reports_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = reports_dir / "metrics.json"
-    metrics_file.write_text(json.dumps(evaluation.metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(evaluation.metrics, metrics_file, reports_dir / "all_metrics.json")
 
     predictions_file = reports_dir / "test_predictions.csv"
     with predictions_file.open("w", newline="") as handle:
@@ -247,7 +249,7 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
             sections.append(ReportSection("Learning curve", "Test accuracy against the amount of training data.",
                                           curve_png, points))
             details["learning_curve"] = points
-        (reports_dir / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=2, sort_keys=True) + "\n")
+        layout.write_metrics(evaluation.metrics, root / layout.METRICS_FILE, root / layout.ALL_METRICS_FILE)
         details_file = reports_dir / "failure_analysis.json"
         details_file.write_text(json.dumps(details, indent=2, default=float) + "\n")
         report = write_html_report(
@@ -257,7 +259,8 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
         log.info("evaluate: test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images; report %s",
                  evaluation.metrics["test_accuracy"], evaluation.metrics["test_macro_f1"],
                  evaluation.metrics["test_expected_calibration_error"], len(test_labels), report)
-        artifacts = {path.resolve() for path in [*written, details_file, report, *figures_dir.glob("*.png")]}
+        artifacts = {path.resolve() for path in [*written, root / layout.ALL_METRICS_FILE, details_file, report,
+                                                 *figures_dir.glob("*.png")]}
         run.complete(
             StageRecord(
                 "evaluate",

@@ -437,17 +437,19 @@ def run_train(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): diagnose, train (resuming if a backup of this same
     training exists, in its MLflow run), log per-epoch metrics live, save and log the model."""
     from tasks import layout
-    from tasks.tracking import StageRecord, log_artifacts, log_epoch_metrics, set_run_tags, stage_run
+    from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
     backup_dir = root / layout.BACKUP_DIR
-    progress = load_progress(backup_dir, training_fingerprint(params, prepared)) if params.train.resume else None
-    resumed_run = progress.run_id if progress else None
-    with stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER,
-                   run_id or resumed_run) as run:
-        progress = progress or Progress(fingerprint=training_fingerprint(params, prepared))
+    fingerprint = training_fingerprint(params, prepared)
+    progress = load_progress(backup_dir, fingerprint) if params.train.resume else None
+    # A killed training's run is found by stage_run (it was marked with this fingerprint), so it continues.
+    with stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER, run_id,
+                   training_fingerprint=fingerprint if params.train.resume else None) as run:
+        progress = progress or Progress(fingerprint=fingerprint)
         progress.run_id = run.run_id
+        epoch_log = EpochLog(run.run_id, progress.history)  # every epoch once, also across a kill
         verdict = diagnose_initialization(params, prepared, root / layout.INIT_DIAGNOSTICS_FILE,
                                           root / layout.INIT_DIAGNOSTICS_PLOT)
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
@@ -456,10 +458,11 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         log_artifacts(run.run_id, [root / layout.INIT_DIAGNOSTICS_FILE, root / layout.INIT_DIAGNOSTICS_PLOT], "diagnostics")
         outcome = train_classifier(
             params, prepared, root / layout.CHECKPOINT_FILE, backup_dir,
-            on_epoch=lambda epoch, values: log_epoch_metrics(run.run_id, epoch, values), progress=progress,
+            on_epoch=epoch_log, progress=progress,
         )
         save_training_outputs(outcome, prepared, root / layout.MODEL_DIR, root / layout.HISTORY_FILE,
                               root / layout.TRAIN_SUMMARY_FILE)
+        layout.write_metrics(outcome.summary.metrics(), root / layout.TRAIN_METRICS_FILE)
         run.complete(
             StageRecord(
                 "train",

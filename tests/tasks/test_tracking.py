@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +10,20 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.params import Params, flatten_params
+from tasks.params import Params, code_root, flatten_params, load_params
 from tasks.tracking import (
+    EXPERIMENT_KIND_TAG,
+    EpochLog,
     StageRecord,
     configure_tracking,
     describe_run,
     ensure_experiment,
     experiment_name,
+    log_epoch_metrics,
     read_pointer,
     reap_orphaned_runs,
     stage_run,
+    unique_run_name,
 )
 
 
@@ -121,8 +126,108 @@ def test_runs_of_dead_processes_are_reaped(workspace: Path, tiny_params: Params)
     assert client.get_run(run_id).info.status == "KILLED"
 
 
-def test_run_names_say_what_differs(tiny_params: Params) -> None:
-    assert describe_run(tiny_params, "0123456789abcdef.dir") == "cnn8-16-adam-lr0.002-01234567"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "data_version", "expected"),
+    [
+        ([], None, "defaults"),
+        ([], "0123456789abcdef.dir", "defaults data=01234567"),
+        (["model.batch_norm=false", "train.optimizer=sgd"], None, "bn=off sgd"),
+        (["train.epochs=3"], None, "ep=3"),
+        (["train.epochs=15"], None, "defaults"),  # the default value: nothing differs
+        (["train.optimizer=sgd", "train.learning_rate=0.01", "model.batch_norm=false", "train.epochs=20"], "abcdef12345",
+         "bn=off sgd lr=0.01 ep=20 data=abcdef12"),
+        (["model.batch_norm=[true, false, true]", "model.conv_filters=[8, 16, 32]"], None, "cnn=8-16-32 bn=on-off-on"),
+        (["train.early_stopping.patience=10", "model.augmentation.flip=horizontal"], None, "flip=horizontal patience=10"),
+        (["train.seed=7"], None, "train.seed=7"),  # seed is also data.seed and evaluate.seed
+        (["data.source=folder", "data.root=/data/icassava/train"], None, "root=train"),  # the experiment says folder
+        (["tracking.run_name=my baseline"], "0123456789", "my baseline"),
+    ],
+)
+def test_run_names_say_what_differs_from_the_defaults(overrides: list[str], data_version: str | None,
+                                                      expected: str) -> None:
+    params = load_params(code_root() / "params.yaml", overrides)
+    assert describe_run(params, data_version) == expected
+
+
+def test_a_long_run_name_says_how_many_more_params_differ() -> None:
+    overrides = [f"evaluate.{key}" for key in ("batch_size=7", "top_k=3", "calibration_bins=9", "gallery_size=3",
+                                               "saliency_per_class=1", "shift_auc_threshold=0.7", "seed=4")]
+    name = describe_run(load_params(code_root() / "params.yaml", [*overrides, "train.epochs=2"]), None)
+    assert name.startswith("ep=2 evaluate.batch_size=7 top_k=3 calibration_bins=9")
+    assert name.endswith(" +2 more") and len(name) <= 100
+
+
+@pytest.mark.parametrize(
+    ("taken", "current", "expected"),
+    [
+        ([], None, "bn=off"),
+        (["bn=off"], None, "bn=off #2"),
+        (["bn=off", "bn=off #2", "bn=off #4"], None, "bn=off #3"),
+        (["bn=off"], "bn=off #2", "bn=off #2"),  # a run keeps the number it has
+        (["bn=off #2"], "bn=off #2", "bn=off"),  # ... unless another run holds it
+        (["bn=off"], "ep=3", "bn=off #2"),  # renamed when its params say otherwise
+    ],
+)
+def test_repeated_run_names_get_a_number(taken: list[str], current: str | None, expected: str) -> None:
+    assert unique_run_name("bn=off", taken, current) == expected
+
+
+def test_runs_with_the_same_params_get_unique_names_in_the_store(workspace: Path, tiny_params: Params) -> None:
+    names = []
+    for index in range(3):
+        with stage_run("acquire", tiny_params, None, workspace / "a.json") as run:
+            pass
+        names.append(MlflowClient().get_run(run.run_id).info.run_name)
+    base = describe_run(tiny_params, None)
+    assert names == [base, f"{base} #2", f"{base} #3"]
+    with stage_run("prepare", tiny_params, workspace / "a.json", workspace / "p.json") as resumed:
+        pass
+    assert resumed.run_id == run.run_id and MlflowClient().get_run(run.run_id).info.run_name == f"{base} #3"
+
+
+def test_experiments_open_on_the_training_view(workspace: Path, tiny_params: Params) -> None:
+    configure_tracking()
+    client = MlflowClient()
+    created = client.get_experiment(ensure_experiment("brand-new"))
+    assert created.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("made-before-the-tag")  # as earlier versions of the pipeline left them
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    assert ensure_experiment("made-before-the-tag") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_data_counters_are_tags_not_metrics(workspace: Path, tiny_params: Params) -> None:
+    from tasks.data import run_acquire, run_prepare
+    from tasks.prepared import PreparedData
+
+    run_id = run_prepare(tiny_params, run_acquire(tiny_params))
+    run = MlflowClient().get_run(run_id)
+    assert not [key for key in run.data.metrics if key.startswith("data.")]
+    report = json.loads(PreparedData(workspace / "data/prepared").report_file.read_text())
+    assert run.data.tags["cassava.data.raw_files"] == str(16 * 5)
+    assert run.data.tags["cassava.data.images_kept"] == str(report["images_kept"])
+    split_total = sum(int(run.data.tags[f"cassava.data.{split}_images"]) for split in ("train", "val", "test"))
+    assert split_total == report["images_kept"]
+
+
+def test_every_epoch_is_logged_once_across_a_kill(workspace: Path, tiny_params: Params) -> None:
+    with stage_run("train", tiny_params, None, workspace / "t.json") as run:
+        for epoch in (1, 2, 3):  # the killed attempt logged epoch 3, but its backup holds epochs 1-2 only
+            log_epoch_metrics(run.run_id, epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
+        backed_up = [{"epoch": epoch, "loss": 1.0 / epoch, "val_loss": 2.0 / epoch} for epoch in (1, 2)]
+        resumed = EpochLog(run.run_id, backed_up)
+        for epoch in (3, 4):  # the resumed training runs epoch 3 again, then 4
+            resumed(epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
+    # A run that lost epoch 2 (killed between the backup and the log) gets it back from the backup.
+    with stage_run("train", tiny_params, None, workspace / "t2.json") as other:
+        log_epoch_metrics(other.run_id, 1, {"loss": 1.0, "val_loss": 2.0})
+        EpochLog(other.run_id, backed_up)
+    client = MlflowClient()
+    for key in ("loss", "val_loss"):
+        assert [point.step for point in client.get_metric_history(run.run_id, key)] == [1, 2, 3, 4]
+        assert [point.step for point in client.get_metric_history(other.run_id, key)] == [1, 2]
 
 
 def _env_with_code_on_path() -> dict[str, str]:
