@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tasks.layout import INTERRUPTED_RUN_FILE
 from tasks.params import Params, code_root, flatten_params, load_params
 from tasks.tracking import (
     EXPERIMENT_KIND_TAG,
     EpochLog,
     StageRecord,
+    code_state,
     configure_tracking,
     describe_run,
     ensure_experiment,
@@ -94,13 +97,13 @@ def test_an_interrupted_stage_ends_killed(workspace: Path, tiny_params: Params) 
     assert MlflowClient().get_run(run.run_id).info.status == "KILLED"
 
 
-def _stage_in_subprocess(workspace: Path, ending: str) -> tuple[int, str]:
+def _stage_in_subprocess(workspace: Path, ending: str, fingerprint: str | None = None) -> tuple[int, str]:
     """Run a stage in another process that ends with `ending` inside the stage; (exit code, its run id)."""
     script = (
         "import os, pathlib, signal\n"
         "from tasks.params import load_params\n"
         "from tasks.tracking import stage_run\n"
-        "with stage_run('train', load_params(), None, pathlib.Path('t.json')) as run:\n"
+        f"with stage_run('train', load_params(), None, pathlib.Path('t.json'), training_fingerprint={fingerprint!r}) as run:\n"
         "    print(run.run_id, flush=True)\n"
         f"    {ending}\n"
     )
@@ -126,6 +129,77 @@ def test_runs_of_dead_processes_are_reaped(workspace: Path, tiny_params: Params)
     assert client.get_run(run_id).info.status == "KILLED"
 
 
+
+
+def test_a_killed_training_is_continued_in_its_run_by_the_next_execution(workspace: Path, tiny_params: Params) -> None:
+    _, killed = _stage_in_subprocess(workspace, "os._exit(9)  # as SIGKILL", fingerprint="training-1")
+    assert (workspace / INTERRUPTED_RUN_FILE).exists()
+    # The next execution's first stage (the flow's acquire) continues the killed run, whose process is gone.
+    with stage_run("acquire", tiny_params, None, workspace / "a.json") as first:
+        assert MlflowClient().get_run(first.run_id).info.status == "RUNNING"
+    assert first.run_id == killed
+    run = MlflowClient().get_run(killed)
+    assert run.info.status == "FINISHED" and "cassava.failure" not in run.data.tags
+    assert "died" in run.data.tags["cassava.resumed_after"]
+
+    changed = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 9})})
+    with stage_run("acquire", changed, None, workspace / "other.json") as other:
+        pass
+    assert other.run_id != killed  # other params: another training, another run
+
+    # The same params, but the data changed under the killed training: its epochs are not mixed with these.
+    with stage_run("train", tiny_params, workspace / "a.json", workspace / "t.json", first.run_id,
+                   training_fingerprint="training-2") as retrained:
+        assert (workspace / INTERRUPTED_RUN_FILE).exists()
+    assert retrained.run_id not in (killed, other.run_id)
+    assert MlflowClient().get_run(retrained.run_id).data.tags["cassava.carried_over_from"] == killed
+    assert not (workspace / INTERRUPTED_RUN_FILE).exists()  # finished: nothing left to continue
+
+
+def test_git_dirty_means_code_changed_not_pipeline_outputs(tmp_path: Path) -> None:
+    repo = tmp_path / "clone"
+    for name in ("dvc.yaml", "tasks/train.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(code_root() / name, repo / name)
+    outputs = ["dvc.lock", "params.yaml", "models/train.mlflow.json", "models/history.csv", "reports/metrics.json",
+               "models/train_metrics.json", "reports/all_metrics.json"]
+    for name in outputs:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("as committed\n")
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *command], cwd=repo, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert code_state(repo) == (commit, False)  # a fresh clone
+    for name in outputs:  # what a run rewrites
+        (repo / name).write_text("rewritten by a run\n")
+    assert code_state(repo) == (commit, False)
+    (repo / "tasks/train.py").write_text((repo / "tasks/train.py").read_text() + "\n# an edit\n")
+    assert code_state(repo) == (commit, True)
+    assert code_state(tmp_path) is None  # not a git checkout
+
+
+@pytest.mark.reliability
+def test_three_processes_start_together_on_a_brand_new_store(workspace: Path) -> None:
+    (workspace / "mlflow.db").unlink()  # brand new: MLflow must create its tables first
+    script = (
+        "import os, pathlib\n"
+        "from tasks.params import load_params\n"
+        "from tasks.tracking import stage_run\n"
+        "with stage_run('acquire', load_params(), None, pathlib.Path(f'a{os.getpid()}.json')) as run:\n"
+        "    print(run.run_id)\n"
+    )
+    starts = [subprocess.Popen([sys.executable, "-c", script], cwd=workspace, env=_env_with_code_on_path(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [start.communicate(timeout=900) for start in starts]
+    for start, (_, error) in zip(starts, outcomes):
+        assert start.returncode == 0, error[-3000:]
+    configure_tracking()
+    client = MlflowClient()
+    (experiment,) = [item for item in client.search_experiments() if item.name == "cassava-synthetic"]
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_id for run in runs) == sorted(output.strip() for output, _ in outcomes)
+    assert {run.info.status for run in runs} == {"FINISHED"}
 
 
 @pytest.mark.parametrize(
