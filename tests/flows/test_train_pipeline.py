@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from tasks.layout import HISTORY_FILE, MODEL_DIR, PREPARED_DIR, TRAIN_SUMMARY_FILE
 from tasks.params import flatten_params, load_params
-from tasks.tracking import dvc_data_version
+from tasks.tracking import describe_run, dvc_data_version
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
     assert experiment.name == "cassava-synthetic"
     assert len(client.search_runs([experiment.experiment_id])) == 1  # one run per pipeline execution
     assert run.data.params == flatten_params(params)
-    assert run.info.run_name == f"cnn8-16-adam-lr0.003-{run.data.tags['cassava.data_version'][:8]}"
+    assert run.info.run_name == describe_run(params, run.data.tags["cassava.data_version"])
+    assert "lr=0.003" in run.info.run_name
 
     tags = run.data.tags
     assert tags["cassava.trigger"] == "prefect"
