@@ -95,7 +95,7 @@ def main(
                 f"test macro F1:   {metrics['test_macro_f1']:.4f}",
                 "metrics file:    reports/metrics.json   (plots: reports/*.png)",
                 f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
-                "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
+                "                 then http://127.0.0.1:5000 → experiment cassava-* (opens on its runs table)",
             ]
         )
     )
