@@ -310,3 +310,17 @@ def _env_with_code_on_path() -> dict[str, str]:
     from tasks.params import code_root
 
     return {**os.environ, "PYTHONPATH": str(code_root())}
+
+
+def test_dvc_metrics_files_hold_the_headline_numbers_only(tmp_path: Path) -> None:
+    from tasks.layout import write_metrics
+
+    evaluation = {"test_recall.cmd": 0.5, "test_top3_accuracy": 0.9, "test_macro_f1": 0.6, "test_accuracy": 0.7,
+                  "test_expected_calibration_error": 0.1, "test_precision.cbb": 0.4}
+    write_metrics(evaluation, tmp_path / "metrics.json", tmp_path / "all_metrics.json")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "test_accuracy": 0.7, "test_macro_f1": 0.6, "test_top3_accuracy": 0.9}
+    assert json.loads((tmp_path / "all_metrics.json").read_text()) == evaluation
+    training = {"epochs_run": 6.0, "best_epoch": 4.0, "best_val_accuracy": 0.8, "seconds": 12.5}
+    write_metrics(training, tmp_path / "train_metrics.json")
+    assert json.loads((tmp_path / "train_metrics.json").read_text()) == {"best_epoch": 4.0, "best_val_accuracy": 0.8}
