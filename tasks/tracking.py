@@ -5,7 +5,12 @@ Every stage works inside `stage_run(...)`. It finds the execution's run: the run
 stage). That run is resumed when it is finished, has the same params and lacks this stage; otherwise
 (say `dvc repro` re-runs only evaluation) a new run is started and the upstream stages' records, which
 the pointer files carry, are logged into it again from their recorded outputs, with a link to the run
-they came from. So whichever way the pipeline ran, one run tells the whole story.
+they came from. So whichever way the pipeline ran, one run tells the whole story. A training killed outright
+(`kill -9`) leaves a marker naming its run: the next execution with the same params continues that run, and
+every epoch is logged in it exactly once (`EpochLog`).
+
+Runs are named after the params that differ from the defaults (`bn=off sgd lr=0.01`), unique within their
+experiment; experiments are tagged as model-training experiments so MLflow's UI opens on their runs table.
 
 A stage's results are described by a `StageRecord` (metrics, tags, artifacts, per-epoch series, model);
 the same record is logged when the stage runs and when a later run carries it over.
