@@ -71,10 +71,11 @@ def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None
     params = load_or_exit(params_file, overrides)
     configure_logging()
     from tasks.data import DataError
+    from tasks.train import TrainingDiverged
 
     try:
         run_id = stage_entry(stage)(params, None)
-    except DataError as error:
+    except (DataError, TrainingDiverged) as error:  # the run is FAILED with the reason; one line is enough
         typer.echo(f"error: {stage}: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{stage}: done (MLflow run {run_id})")

@@ -46,7 +46,8 @@ class AcquireReport:
 
 
 def acquire(data: DataParams, raw_dir: Path) -> AcquireReport:
-    """Write the chosen source into raw_dir as `<class>/<file>` and report what was found or missing."""
+    """Write the chosen source into raw_dir (emptied first) as `<class>/<file>` and report what was found or
+    missing. The stage entry hands it a staging folder, so a failure never touches the current data/raw."""
     if raw_dir.exists():
         shutil.rmtree(raw_dir)
     raw_dir.mkdir(parents=True)
@@ -86,7 +87,11 @@ def _place(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        shutil.copy2(source, target)
+        try:
+            shutil.copy2(source, target)
+        except OSError as error:  # vanished, unreadable, disk full: name the file, not a traceback
+            raise DataError(f"cannot copy {source} into data/raw ({error.strerror or error}); "
+                            "check that data.root is complete and readable, then run acquire again") from None
 
 
 def _export_digits(raw_dir: Path) -> dict[str, int]:
@@ -169,7 +174,10 @@ class DataReport:
     classes: list[str]
     files_seen: int = 0
     images_kept: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "kind", "reason"}
+    skipped_by_kind: dict[str, int] = field(default_factory=dict)
+    flagged: list[dict[str, str]] = field(default_factory=list)  # kept, but worth a look: {"path", "kind", "note"}
+    flagged_by_kind: dict[str, int] = field(default_factory=dict)
     duplicates: list[dict[str, str]] = field(default_factory=list)
     converted_to_rgb: dict[str, int] = field(default_factory=dict)
     dropped_classes: dict[str, int] = field(default_factory=dict)
@@ -180,25 +188,32 @@ class DataReport:
 def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> DataReport:
     """Validate, deduplicate, split (stratified, seeded) and resize raw_dir into prepared_dir.
 
-    Writes to a sibling temporary folder and renames it at the end, so an interrupted preparation never
-    leaves a half-written data set behind.
+    prepared_dir is emptied first; the stage entry hands it a staging folder (tasks/staging.py), so an
+    interrupted or failed preparation never leaves a half-written data set behind.
     """
     files = list_image_files(raw_dir)
     if not files:
         raise DataError(f"{raw_dir} holds no files: run the acquire stage first")
-    staging = prepared_dir.with_name(prepared_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    shutil.rmtree(prepared_dir, ignore_errors=True)
+    prepared_dir.mkdir(parents=True)
+    try:
+        return _prepare_into(data, files, raw_dir, prepared_dir)
+    except BaseException:
+        shutil.rmtree(prepared_dir, ignore_errors=True)  # never half a data set, also for direct callers
+        raise
+
+
+def _prepare_into(data: DataParams, files: list[Path], raw_dir: Path, prepared_dir: Path) -> DataReport:
     all_images = np.lib.format.open_memmap(
-        staging / "all_images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(files), data.image_size, data.image_size, 3)
+        prepared_dir / "all_images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(files), data.image_size, data.image_size, 3)
     )
     report = DataReport(source=data.source, image_size=data.image_size, classes=[], files_seen=len(files))
-    rows = _validate_and_load(files, raw_dir, data.image_size, all_images, report)
+    rows = _validate_and_load(files, raw_dir, data, all_images, report)
 
     rows = _apply_class_policy(rows, data, report)
     report.classes = sorted({row["label"] for row in rows})
     _assign_splits(rows, data)
-    layout = PreparedData(staging)
+    layout = PreparedData(prepared_dir)
     class_index = {name: index for index, name in enumerate(report.classes)}
     for split in SPLITS:
         split_rows = [row for row in rows if row["split"] == split]
@@ -212,7 +227,7 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
         np.save(layout.labels_file(split), np.array([class_index[row["label"]] for row in split_rows], dtype=np.int32))
         report.split_counts[split] = dict(sorted(Counter(row["label"] for row in split_rows).items()))
     del all_images
-    (staging / "all_images.tmp.npy").unlink()
+    (prepared_dir / "all_images.tmp.npy").unlink()
 
     report.images_kept = len(rows)
     scores = np.array([row["blur_score"] for row in rows])
@@ -220,15 +235,14 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
     _write_manifest(layout.manifest_file, rows)
     layout.classes_file.write_text(json.dumps(report.classes) + "\n")
     layout.report_file.write_text(json.dumps(report.__dict__, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(prepared_dir, ignore_errors=True)
-    staging.rename(prepared_dir)
     return report
 
 
 def _validate_and_load(
-    files: list[Path], raw_dir: Path, image_size: int, all_images: np.ndarray, report: DataReport
+    files: list[Path], raw_dir: Path, data: DataParams, all_images: np.ndarray, report: DataReport
 ) -> list[dict]:
-    """Decode every file once: skip unreadable ones and exact duplicates, store pixels, return manifest rows."""
+    """Decode every file once: skip unusable ones (with the reason) and exact duplicates, flag the ones worth
+    a look, store pixels, return manifest rows."""
     first_seen: dict[str, dict] = {}
     rows: list[dict] = []
     converted: Counter[str] = Counter()
@@ -236,20 +250,22 @@ def _validate_and_load(
         relative = file.relative_to(raw_dir).as_posix()
         label = relative.split("/", 1)[0]
         if "/" not in relative:
-            report.skipped.append({"path": relative, "reason": "file outside any class folder"})
-            continue
-        digest = content_hash(file)
-        if digest in first_seen:
-            kept = first_seen[digest]
-            report.duplicates.append(
-                {"path": relative, "duplicate_of": kept["path"], "label_conflict": str(kept["label"] != label).lower()}
-            )
+            report.skipped.append({"path": relative, "kind": "outside-class-folder",
+                                   "reason": "file outside any class folder"})
             continue
         try:
-            loaded = load_rgb_image(file, image_size)
+            digest = content_hash(file)
+            if digest in first_seen:
+                kept = first_seen[digest]
+                report.duplicates.append(
+                    {"path": relative, "duplicate_of": kept["path"], "label_conflict": str(kept["label"] != label).lower()}
+                )
+                continue
+            loaded = load_rgb_image(file, data.image_size, data.min_image_side, data.large_image_megapixels)
         except UnreadableImage as reason:
-            report.skipped.append({"path": relative, "reason": str(reason)})
+            report.skipped.append({"path": relative, "kind": reason.kind, "reason": str(reason)})
             continue
+        report.flagged.extend({"path": relative, "kind": kind, "note": note} for kind, note in loaded.notes)
         if loaded.original_mode != "RGB":
             converted[loaded.original_mode] += 1
         all_images[len(rows)] = loaded.pixels
@@ -267,6 +283,8 @@ def _validate_and_load(
         first_seen[digest] = row
         rows.append(row)
     report.converted_to_rgb = dict(sorted(converted.items()))
+    report.skipped_by_kind = dict(sorted(Counter(skipped["kind"] for skipped in report.skipped).items()))
+    report.flagged_by_kind = dict(sorted(Counter(flagged["kind"] for flagged in report.flagged).items()))
     for skipped in report.skipped:
         log.warning("skipped %s: %s", skipped["path"], skipped["reason"])
     if report.duplicates:
@@ -329,11 +347,14 @@ def _write_manifest(manifest_file: Path, rows: list[dict]) -> None:
 def run_acquire(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): acquire the source into data/raw, log its report."""
     from tasks.layout import ACQUIRE_POINTER, RAW_DIR
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, counter_tags, stage_run
 
     root = workspace_root()
-    with stage_run("acquire", params, None, root / ACQUIRE_POINTER, run_id) as run:
-        report = acquire(params.data, root / RAW_DIR)
+    with staged_outputs(root, "acquire", [RAW_DIR, ACQUIRE_POINTER]) as staged, \
+            stage_run("acquire", params, None, root / ACQUIRE_POINTER, run_id) as run:
+        report = acquire(params.data, staged.path(RAW_DIR))
+        staged.publish()
         log.info("acquire: %d files in %d classes from %s", sum(report.files_per_class.values()),
                  len(report.files_per_class), params.data.source)
         run.complete(
@@ -350,11 +371,14 @@ def run_acquire(params: Params, run_id: str | None = None) -> str:
 def run_prepare(params: Params, run_id: str | None = None) -> str:
     """Stage entry: validate and split data/raw into data/prepared, log the data report."""
     from tasks.layout import ACQUIRE_POINTER, PREPARE_POINTER, PREPARED_DIR, RAW_DIR
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, counter_tags, stage_run
 
     root = workspace_root()
-    with stage_run("prepare", params, root / ACQUIRE_POINTER, root / PREPARE_POINTER, run_id) as run:
-        report = prepare_dataset(params.data, root / RAW_DIR, root / PREPARED_DIR)
+    with staged_outputs(root, "prepare", [PREPARED_DIR, PREPARE_POINTER]) as staged, \
+            stage_run("prepare", params, root / ACQUIRE_POINTER, root / PREPARE_POINTER, run_id) as run:
+        report = prepare_dataset(params.data, root / RAW_DIR, staged.path(PREPARED_DIR))
+        staged.publish()
         log.info("prepare: kept %d of %d files; %d skipped, %d duplicates; splits %s", report.images_kept,
                  report.files_seen, len(report.skipped), len(report.duplicates),
                  {split: sum(counts.values()) for split, counts in report.split_counts.items()})

@@ -12,7 +12,7 @@ import csv
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -136,20 +136,3 @@ def write_initialization_report(statistics: list[LayerStatistics], verdict: Init
     figure.savefig(plot, dpi=100)
     plt.close(figure)
 
-
-def gradient_norm_probe(model: "keras.Model") -> Callable[[np.ndarray, np.ndarray], float]:
-    """A function (images, labels) -> the norm of all trainable-weight gradients together, in inference mode
-    (as above). Compiled once with tf.function: called every epoch, eager mode cost ~0.5 s a call."""
-    import keras
-    import tensorflow as tf
-
-    loss_function = keras.losses.SparseCategoricalCrossentropy()
-
-    @tf.function(reduce_retracing=True)
-    def norm(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            loss = loss_function(labels, model(images, training=False))
-        gradients = [gradient for gradient in tape.gradient(loss, model.trainable_weights) if gradient is not None]
-        return tf.linalg.global_norm(gradients)
-
-    return lambda images, labels: float(norm(tf.convert_to_tensor(images), tf.convert_to_tensor(labels)))

@@ -230,12 +230,17 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
 
     from tasks import layout
     from tasks.analysis import ReportSection, write_html_report
+    from tasks.staging import staged_outputs
     from tasks.tracking import StageRecord, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
-    reports_dir = root / layout.REPORTS_DIR
-    with stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
+    outputs = [layout.REPORTS_DIR / name for name in ("figures", "report.html", "failure_analysis.json",
+                                                      "test_predictions.csv", "metrics.json", "all_metrics.json",
+                                                      "evaluate.mlflow.json")]
+    with staged_outputs(root, "evaluate", outputs) as staged, \
+            stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
+        reports_dir = staged.new / layout.REPORTS_DIR  # swapped in by staged.publish(), on success only
         model = keras.saving.load_model(root / layout.MODEL_DIR / "model.keras")
         test_images, test_labels = prepared.split("test")
         probabilities = predict_probabilities(model, test_images, params.evaluate.batch_size)
@@ -249,7 +254,7 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
             sections.append(ReportSection("Learning curve", "Test accuracy against the amount of training data.",
                                           curve_png, points))
             details["learning_curve"] = points
-        layout.write_metrics(evaluation.metrics, root / layout.METRICS_FILE, root / layout.ALL_METRICS_FILE)
+        layout.write_metrics(evaluation.metrics, staged.path(layout.METRICS_FILE), staged.path(layout.ALL_METRICS_FILE))
         details_file = reports_dir / "failure_analysis.json"
         details_file.write_text(json.dumps(details, indent=2, default=float) + "\n")
         report = write_html_report(
@@ -259,8 +264,10 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
         log.info("evaluate: test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images; report %s",
                  evaluation.metrics["test_accuracy"], evaluation.metrics["test_macro_f1"],
                  evaluation.metrics["test_expected_calibration_error"], len(test_labels), report)
-        artifacts = {path.resolve() for path in [*written, root / layout.ALL_METRICS_FILE, details_file, report,
-                                                 *figures_dir.glob("*.png")]}
+        staged_files = [*written, staged.path(layout.ALL_METRICS_FILE), details_file, report,
+                        *figures_dir.glob("*.png")]
+        staged.publish()
+        artifacts = {(root / layout.REPORTS_DIR / path.relative_to(reports_dir)).resolve() for path in staged_files}
         run.complete(
             StageRecord(
                 "evaluate",

@@ -48,6 +48,8 @@ class DataParams(_Section):
     seed: int = 42
     min_images_per_class: Annotated[int, Field(ge=3)] = 10
     small_class_policy: Literal["error", "drop"] = "error"
+    min_image_side: Annotated[int, Field(ge=1)] = 8  # images with a shorter side are skipped as too small
+    large_image_megapixels: Annotated[float, Field(gt=0.0)] = 40.0  # larger ones are kept but flagged
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
@@ -137,7 +139,8 @@ class ScheduleParams(_Section):
 class GradientParams(_Section):
     clip: Literal["none", "norm", "value"] = "none"
     clip_value: Annotated[float, Field(gt=0.0)] = 1.0
-    # The global gradient norm (on a fixed training batch, every epoch) is flagged outside these bounds.
+    # The global norm of the gradients the optimizer applied (after clipping; mean per epoch) is flagged
+    # outside these bounds.
     vanishing_below: Annotated[float, Field(ge=0.0)] = 1e-6
     exploding_above: Annotated[float, Field(gt=0.0)] = 1e3
 
@@ -159,6 +162,8 @@ class TrainParams(_Section):
     gradients: GradientParams = GradientParams()
     early_stopping: EarlyStoppingParams = EarlyStoppingParams()
     class_weight: Literal["none", "balanced"] = "none"
+    # Training stops as diverged (run FAILED, no model) when the loss exceeds this many times its initial value.
+    divergence_factor: Annotated[float, Field(gt=1.0)] = 1000.0
     # Back up every epoch; a killed training started again continues from the last finished epoch.
     resume: bool = True
     seed: int = 42

@@ -33,7 +33,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 HISTORY_COLUMNS = (
     "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "grad_norm", "gap_accuracy", "gap_loss",
 )
-PROBE_BATCH = 64  # images in the fixed batch used for initialization and gradient diagnostics
+PROBE_BATCH = 64  # images in the fixed batch used for the initialization diagnostics
 
 
 @dataclass
@@ -54,7 +54,12 @@ class TrainSummary:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; training was stopped and no model is saved."""
+    """The loss became non-finite or exploded, or weights or gradients did; training was stopped and no model
+    is saved. `gradient_flags` are the per-epoch gradient-norm flags up to the stop."""
+
+    def __init__(self, message: str, gradient_flags: list[str]) -> None:
+        super().__init__(message)
+        self.gradient_flags = gradient_flags
 
 
 def seed_everything(seed: int) -> None:
@@ -151,6 +156,7 @@ class Progress:
 
     fingerprint: str
     run_id: str | None = None
+    reference_loss: float | None = None  # the first batch's loss: what divergence is measured against
     history: list[dict[str, float]] = field(default_factory=list)
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # aligned with history
 
@@ -205,22 +211,12 @@ def load_progress(backup_dir: Path, fingerprint: str) -> Progress | None:
 
 def _callbacks(
     params: Params, progress: Progress, backup_dir: Path, checkpoint_file: Path,
-    probe: tuple[np.ndarray, np.ndarray], on_epoch: EpochCallback | None, divergence: list[str],
+    guards: list["keras.callbacks.Callback"], on_epoch: EpochCallback | None,
 ) -> list["keras.callbacks.Callback"]:
     import keras
 
-    from tasks.diagnostics import gradient_norm_probe
-
     stopping = params.train.early_stopping
     mode = monitor_mode(stopping.monitor, stopping.mode)
-
-    class RecordingTerminateOnNaN(keras.callbacks.TerminateOnNaN):
-        """Stops at the first non-finite batch loss, as Keras does, and remembers that it did."""
-
-        def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            super().on_batch_end(batch, logs)
-            if self.model.stop_training and not math.isfinite(float((logs or {}).get("loss", math.nan))):
-                divergence.append(f"batch {batch + 1} of epoch {len(progress.history) + 1}")
 
     class Resumable:
         """Mixin: after Keras resets a callback at train begin, put back its counters from the last snapshot."""
@@ -241,20 +237,13 @@ def _callbacks(
     class ResumableReduceLROnPlateau(Resumable, keras.callbacks.ReduceLROnPlateau):
         counters = ("best", "wait", "cooldown_counter")
 
-    gradient_norm = None
-
     class EpochRecorder(keras.callbacks.Callback):
-        """Per epoch: learning rate actually used, global gradient norm, generalization gap; saves progress
-        and hands the values on (to MLflow, live)."""
-
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            nonlocal gradient_norm
-            gradient_norm = gradient_norm_probe(self.model)
+        """Per epoch: learning rate actually used, applied gradient norm (logged by AppliedGradientNorm),
+        generalization gap; saves progress and hands the values on (to MLflow, live)."""
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             values = {key: float(value) for key, value in (logs or {}).items() if key in HISTORY_COLUMNS}
             values["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            values["grad_norm"] = gradient_norm(*probe)
             values["gap_accuracy"] = values["accuracy"] - values["val_accuracy"]
             values["gap_loss"] = values["loss"] - values["val_loss"]
             progress.history.append({"epoch": epoch + 1, **values})
@@ -266,7 +255,7 @@ def _callbacks(
             if on_epoch:
                 on_epoch(epoch + 1, values)
 
-    callbacks: list[keras.callbacks.Callback] = [RecordingTerminateOnNaN()]
+    callbacks: list[keras.callbacks.Callback] = list(guards)  # first: the others see grad_norm and the stop
     if stopping.enabled:
         callbacks.append(ResumableEarlyStopping(
             monitor=stopping.monitor, mode=mode, patience=stopping.patience, min_delta=stopping.min_delta,
@@ -324,6 +313,7 @@ def train_classifier(
     `train_indices` trains on that subset of the training split (the limited-data learning curve)."""
     import keras
 
+    from tasks.guards import AppliedGradientNorm, DivergenceGuard
     from tasks.model import build_classifier
 
     seed_everything(params.train.seed)
@@ -336,12 +326,14 @@ def train_classifier(
     steps_per_epoch = math.ceil(len(train_labels) / batch_size)
     progress = progress or Progress(fingerprint=training_fingerprint(params, prepared))
     first_epoch = len(progress.history)
-    probe = (np.asarray(train_images[:PROBE_BATCH], dtype=np.float32), train_labels[:PROBE_BATCH])
 
     model = build_classifier(params.model, params.data.image_size, class_count, params.train.seed)
     model.compile(
         optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
+    guard = DivergenceGuard(params.train.divergence_factor, progress.reference_loss,
+                            lambda loss: setattr(progress, "reference_loss", loss))
+    guards = [AppliedGradientNorm(model.optimizer), guard]
     for state, saved in zip(seed_state_variables(model), progress.latest.get("seed_states", [])):
         state.assign(np.asarray(saved, dtype=keras.ops.convert_to_numpy(state).dtype))
     checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +344,6 @@ def train_classifier(
         params.train.lr_schedule, f", resuming after epoch {first_epoch}" if first_epoch else "",
     )
     started = time.perf_counter()
-    divergence: list[str] = []
     if first_epoch < params.train.epochs:
         model.fit(
             batched_dataset(train_images, train_labels, batch_size, shuffle=True, seed=params.train.seed,
@@ -361,18 +352,19 @@ def train_classifier(
             validation_data=batched_dataset(val_images, val_labels, batch_size),
             epochs=params.train.epochs,
             class_weight=class_weight,
-            callbacks=_callbacks(params, progress, backup_dir, checkpoint_file, probe, on_epoch, divergence),
+            callbacks=_callbacks(params, progress, backup_dir, checkpoint_file, guards, on_epoch),
             verbose=2,  # one line per epoch: readable in logs, unlike a progress bar redrawn per step
             shuffle=False,  # the input pipeline orders each epoch itself (seeded, resumable)
         )
     seconds = time.perf_counter() - started
     history = progress.history
-    if divergence or not history or not all(math.isfinite(row["loss"]) for row in history):
+    flags = gradient_flags(history, params.train.gradients.vanishing_below, params.train.gradients.exploding_above)
+    if guard.reason or not history or not all(math.isfinite(row["loss"]) for row in history):
         shutil.rmtree(backup_dir, ignore_errors=True)  # never resume into a diverged state
-        where = divergence[0] if divergence else "an epoch end"
+        checkpoint_file.unlink(missing_ok=True)  # nor restore its weights
         raise TrainingDiverged(
-            f"loss became NaN/inf at {where} (train.learning_rate = {params.train.learning_rate:g}); "
-            "training stopped, no model saved"
+            f"training diverged: {guard.reason or 'loss became NaN/inf at an epoch end'} "
+            f"(train.learning_rate = {params.train.learning_rate:g}); training stopped, no model saved", flags
         )
 
     stopping = params.train.early_stopping
@@ -387,8 +379,7 @@ def train_classifier(
     summary = TrainSummary(
         epochs_run=len(history), best_epoch=best_epoch, stopped_epoch=stopped_epoch, resumed_from_epoch=first_epoch,
         best_val_loss=val_loss, best_val_accuracy=val_accuracy, train_loss=train_loss, train_accuracy=train_accuracy,
-        seconds=round(seconds, 2),
-        gradient_flags=gradient_flags(history, params.train.gradients.vanishing_below, params.train.gradients.exploding_above),
+        seconds=round(seconds, 2), gradient_flags=flags,
     )
     log.info("train: final model = epoch %d of %d: val_accuracy %.4f, val_loss %.4f", best_epoch, len(history),
              val_accuracy, val_loss)
@@ -435,8 +426,10 @@ if TYPE_CHECKING:
 
 def run_train(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): diagnose, train (resuming if a backup of this same
-    training exists, in its MLflow run), log per-epoch metrics live, save and log the model."""
+    training exists, in its MLflow run), log per-epoch metrics live, save and log the model. The outputs are
+    staged and replace the previous ones only when the run succeeds (tasks/staging.py)."""
     from tasks import layout
+    from tasks.staging import staged_outputs
     from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
 
     root = workspace_root()
@@ -444,25 +437,32 @@ def run_train(params: Params, run_id: str | None = None) -> str:
     backup_dir = root / layout.BACKUP_DIR
     fingerprint = training_fingerprint(params, prepared)
     progress = load_progress(backup_dir, fingerprint) if params.train.resume else None
+    outputs = [layout.MODEL_DIR, layout.HISTORY_FILE, layout.TRAIN_SUMMARY_FILE, layout.TRAIN_METRICS_FILE,
+               layout.INIT_DIAGNOSTICS_FILE, layout.INIT_DIAGNOSTICS_PLOT, layout.TRAIN_POINTER]
     # A killed training's run is found by stage_run (it was marked with this fingerprint), so it continues.
-    with stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER, run_id,
-                   training_fingerprint=fingerprint if params.train.resume else None) as run:
+    with staged_outputs(root, "train", outputs) as staged, \
+            stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER, run_id,
+                      training_fingerprint=fingerprint if params.train.resume else None) as run:
         progress = progress or Progress(fingerprint=fingerprint)
         progress.run_id = run.run_id
         epoch_log = EpochLog(run.run_id, progress.history)  # every epoch once, also across a kill
-        verdict = diagnose_initialization(params, prepared, root / layout.INIT_DIAGNOSTICS_FILE,
-                                          root / layout.INIT_DIAGNOSTICS_PLOT)
+        diagnostics = [staged.path(layout.INIT_DIAGNOSTICS_FILE), staged.path(layout.INIT_DIAGNOSTICS_PLOT)]
+        verdict = diagnose_initialization(params, prepared, *diagnostics)
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
         set_run_tags(run.run_id, {"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
                                   "cassava.init_reason": verdict.reason})
-        log_artifacts(run.run_id, [root / layout.INIT_DIAGNOSTICS_FILE, root / layout.INIT_DIAGNOSTICS_PLOT], "diagnostics")
-        outcome = train_classifier(
-            params, prepared, root / layout.CHECKPOINT_FILE, backup_dir,
-            on_epoch=epoch_log, progress=progress,
-        )
-        save_training_outputs(outcome, prepared, root / layout.MODEL_DIR, root / layout.HISTORY_FILE,
-                              root / layout.TRAIN_SUMMARY_FILE)
-        layout.write_metrics(outcome.summary.metrics(), root / layout.TRAIN_METRICS_FILE)
+        log_artifacts(run.run_id, diagnostics, "diagnostics")
+        try:
+            outcome = train_classifier(
+                params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
+            )
+        except TrainingDiverged as diverged:
+            set_run_tags(run.run_id, {"cassava.gradient_flag": "; ".join(diverged.gradient_flags) or "none"})
+            raise
+        save_training_outputs(outcome, prepared, staged.path(layout.MODEL_DIR), staged.path(layout.HISTORY_FILE),
+                              staged.path(layout.TRAIN_SUMMARY_FILE))
+        layout.write_metrics(outcome.summary.metrics(), staged.path(layout.TRAIN_METRICS_FILE))
+        staged.publish()
         run.complete(
             StageRecord(
                 "train",

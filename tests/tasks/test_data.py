@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from mlflow import MlflowClient
 from PIL import Image
 
-from tasks.data import DataError, acquire, class_name_from_disease, prepare_dataset
-from tasks.params import Params, validate_params
+from tasks.data import ACQUIRE_REPORT_NAME, DataError, acquire, class_name_from_disease, prepare_dataset, run_acquire
+from tasks.layout import ACQUIRE_POINTER, RAW_DIR
+from tasks.params import Params, code_root, load_params, validate_params
+from tasks.tracking import configure_tracking
 from tasks.prepared import SPLITS, PreparedData
 from tests.conftest import tiny_params_tree
 
@@ -57,7 +69,7 @@ def test_folder_source_reports_and_skips_bad_files(tmp_path: Path) -> None:
     reasons = {entry["path"]: entry["reason"] for entry in report.skipped}
     assert reasons["cbb/empty.jpg"] == "zero-byte file"
     assert reasons["cbb/notes.jpg"].startswith("not an image")
-    assert reasons["healthy/truncated.jpg"].startswith("corrupt or truncated")
+    assert reasons["healthy/truncated.jpg"].startswith("truncated image")
     assert report.images_kept == 16
     written = json.loads(PreparedData(prepared).report_file.read_text())
     assert len(written["skipped"]) == 3
@@ -192,3 +204,95 @@ def test_tf_dataset_streams_every_example_once_per_epoch(prepared_synthetic) -> 
     assert sorted(seen_labels.tolist()) == sorted(labels.tolist())
     first, second = ([b.numpy().sum() for b, _ in dataset] for _ in range(2))
     assert first != second  # reshuffled each epoch
+
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.reliability
+def test_an_acquire_failing_halfway_keeps_the_last_good_raw_data(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = workspace / "photos"
+    _folder_dataset(source)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(["data.source=folder", f"data.root={source}"])))
+    params = load_params()
+    good_run = run_acquire(params)
+    raw_before, pointer_before = _snapshot(workspace / RAW_DIR), (workspace / ACQUIRE_POINTER).read_bytes()
+    assert len(raw_before) == 17  # 16 photos and the acquire report
+
+    for index in range(8):  # the user adds photos; some vanish while acquire copies them (a flaky mount)
+        _photo(5000 + index).save(source / "cbb" / f"new_{index}.png")
+    real_link, linked = os.link, []
+
+    def link_then_vanish(source_file: str, target_file: str) -> None:
+        linked.append(source_file)
+        if len(linked) > 10:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source_file)
+        real_link(source_file, target_file)
+
+    def vanished(source_file: str, target_file: str) -> None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source_file)
+
+    monkeypatch.setattr(os, "link", link_then_vanish)
+    monkeypatch.setattr(shutil, "copy2", vanished)
+    with pytest.raises(DataError, match=r"cannot copy .*photos/.* into data/raw \(No such file or directory\)"):
+        run_acquire(params)
+    monkeypatch.undo()
+
+    assert _snapshot(workspace / RAW_DIR) == raw_before
+    assert (workspace / ACQUIRE_POINTER).read_bytes() == pointer_before  # still names the good run
+    assert not (workspace / ".staging").exists()
+    client = MlflowClient()
+    experiment = client.get_run(good_run).info.experiment_id
+    failed = [run for run in client.search_runs([experiment]) if run.info.run_id != good_run]
+    assert [run.info.status for run in failed] == ["FAILED"]
+    assert "DataError: cannot copy" in failed[0].data.tags["cassava.failure"]
+
+
+def _complete_raw_files(raw: Path) -> int:
+    """The number of images in raw when it is a complete acquisition (its report matches its files)."""
+    report = json.loads((raw / ACQUIRE_REPORT_NAME).read_text())
+    images = [path for path in raw.rglob("*") if path.is_file() and path.name != ACQUIRE_REPORT_NAME]
+    assert len(images) == sum(report["files_per_class"].values()), "data/raw is half written"
+    return len(images)
+
+
+@pytest.mark.reliability
+def test_a_killed_acquire_leaves_the_old_or_the_new_complete_raw_data(workspace: Path) -> None:
+    environment = {**os.environ, "CASSAVA_WORKSPACE": str(workspace), "PYTHONPATH": str(code_root())}
+    command = [sys.executable, "-m", "tasks.cli", "acquire"]
+    subprocess.run([*command, "-S", "data.synthetic.images_per_class=10"], env=environment, check=True,
+                   capture_output=True)
+    old = _snapshot(workspace / RAW_DIR)
+    bigger = [*command, "-S", "data.synthetic.images_per_class=100"]
+    staged_raw = workspace / ".staging" / "acquire" / "new" / RAW_DIR
+    outcomes = []
+    for attempt in range(2):  # once mid-copy for sure, then at a random moment (random.Random(1))
+        acquiring = subprocess.Popen(bigger, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 300
+        if attempt == 0:
+            while sum(1 for _ in staged_raw.rglob("*.png")) < 100 and time.monotonic() < deadline:
+                assert acquiring.poll() is None, "acquire ended before it could be killed"
+                time.sleep(0.05)
+        else:
+            time.sleep(random.Random(attempt).uniform(2.0, 10.0))
+        os.killpg(acquiring.pid, signal.SIGKILL)  # as a power cut: no handler, no rollback runs
+        acquiring.wait()
+        files = _complete_raw_files(workspace / RAW_DIR)
+        assert files in (50, 500)
+        assert files == 500 or _snapshot(workspace / RAW_DIR) == old
+        outcomes.append(files)
+    assert outcomes[0] == 50  # killed mid-copy: the old data set, untouched
+    print(f"acquire killed {len(outcomes)} times: data/raw held {outcomes} images (old 50, new 500)")
+
+    finished = subprocess.run(bigger, env=environment, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert _complete_raw_files(workspace / RAW_DIR) == 500
+    assert not (workspace / ".staging").exists()
+    configure_tracking()
+    client = MlflowClient()
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    statuses = [run.info.status for run in runs]
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") >= 2  # killed runs were marked KILLED

@@ -104,7 +104,7 @@ def test_predicts_readable_files_and_lists_unreadable_ones(champion: Champion, t
     assert summary.skipped_csv == tmp_path / "out" / "predictions.skipped.csv"
     assert skipped.keys() == {"empty.jpg", "truncated.jpg", "notes.jpg"}
     assert skipped["empty.jpg"] == "zero-byte file"
-    assert skipped["truncated.jpg"].startswith("corrupt or truncated image")
+    assert skipped["truncated.jpg"].startswith("truncated image")
     assert skipped["notes.jpg"] == "not an image (unrecognised format)"
     assert {(item.file, item.reason) for item in summary.skipped} == set(skipped.items())
 

@@ -10,16 +10,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tasks.data import run_acquire, run_prepare
-from tasks.layout import BACKUP_DIR, HISTORY_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
-from tasks.params import code_root, load_params
+from tasks.layout import BACKUP_DIR, CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
+from tasks.params import code_root, load_params, validate_params
 from tasks.tracking import configure_tracking
 from tests.conftest import tiny_params_tree
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 
 def _write_params(workspace: Path, *overrides: str) -> None:
@@ -89,26 +93,87 @@ def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(wo
         assert uninterrupted[key] == summary[key]
 
 
-def test_a_diverging_loss_fails_the_run_and_keeps_the_previous_model(workspace: Path) -> None:
+@pytest.mark.parametrize(
+    ("loss", "reference", "verdict"),
+    [(1.6, 1.6, None), (1599.0, 1.6, None), (1601.0, 1.6, "exceeded train.divergence_factor = 1000 times"),
+     (float("nan"), 1.6, "NaN/inf"), (float("inf"), None, "NaN/inf"), (1e9, None, None)],
+)
+def test_the_divergence_rule(loss: float, reference: float | None, verdict: str | None) -> None:
+    from tasks.guards import divergence_reason
+
+    reason = divergence_reason(loss, reference, 1000.0)
+    if verdict is None:
+        assert reason is None
+    else:
+        assert reason is not None and verdict in reason
+
+
+def test_the_gradient_norm_is_the_one_the_optimizer_applied(tmp_path: Path) -> None:
+    from tasks.data import acquire, prepare_dataset
+    from tasks.prepared import PreparedData
+    from tasks.train import train_classifier
+
+    # Clipping to a global norm far below the raw gradients' makes every applied step exactly that norm;
+    # a probe computing gradients separately (as before) would report the unclipped ones.
+    params = validate_params(tiny_params_tree(["train.gradients.clip=norm", "train.gradients.clip_value=0.01",
+                                               "train.epochs=2", "train.gradients.vanishing_below=0.1"]))
+    acquire(params.data, tmp_path / "raw")
+    prepare_dataset(params.data, tmp_path / "raw", tmp_path / "prepared")
+    outcome = train_classifier(params, PreparedData(tmp_path / "prepared"), tmp_path / "best.keras", tmp_path / "backup")
+    assert [row["grad_norm"] for row in outcome.history] == pytest.approx([0.01, 0.01], rel=1e-3)
+    assert outcome.summary.gradient_flags == ["vanishing at epoch 1 (norm 0.01 < 0.1)",
+                                              "vanishing at epoch 2 (norm 0.01 < 0.1)"]
+
+
+def _train_until_it_fails(workspace: Path, *overrides: str) -> tuple[Exception, "Run"]:
+    """Prepare, then train with a healthy earlier model in place: the training must fail; returns the
+    error and the MLflow run, after checking that the earlier outputs and run pointer were left as they were."""
+    from tasks.layout import TRAIN_POINTER
     from tasks.train import TrainingDiverged, run_train
 
-    _write_params(workspace, "train.optimizer=sgd", "train.learning_rate=1000000", "train.lr_schedule=constant",
-                  "model.batch_norm=false")
+    _write_params(workspace, *overrides)
     params = load_params()
     run_id = run_prepare(params, run_acquire(params))
-    previous_model = workspace / MODEL_DIR / "model.keras"
-    previous_model.parent.mkdir(parents=True)
-    previous_model.write_bytes(b"the model of an earlier, healthy run")
+    earlier = {workspace / MODEL_DIR / "model.keras": b"the model of an earlier, healthy run",
+               workspace / TRAIN_POINTER: b'{"run_id": "an earlier run", "records": []}',
+               workspace / HISTORY_FILE: b"epoch,loss\n1,0.5\n"}
+    for file, content in earlier.items():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(content)
 
-    with pytest.raises(TrainingDiverged, match="loss became NaN/inf"):
+    with pytest.raises(TrainingDiverged) as failure:
         run_train(params)
+    for file, content in earlier.items():
+        assert file.read_bytes() == content, f"{file} was replaced by the failed training"
+    assert not (workspace / TRAIN_SUMMARY_FILE).exists()  # nothing of the failed run appears
+    assert not (workspace / ".staging").exists()
+    assert not (workspace / BACKUP_DIR).exists() and not (workspace / CHECKPOINT_FILE).exists()
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED"
-    assert "TrainingDiverged: loss became NaN/inf" in run.data.tags["cassava.failure"]
-    assert "learning_rate = 1e+06" in run.data.tags["cassava.failure"]
-    assert previous_model.read_bytes() == b"the model of an earlier, healthy run"
     assert not MlflowClient().search_logged_models([run.info.experiment_id])
-    assert not (workspace / BACKUP_DIR).exists()
+    return failure.value, run
+
+
+def test_a_nan_loss_fails_the_run_and_keeps_the_previous_outputs(workspace: Path) -> None:
+    error, run = _train_until_it_fails(
+        workspace, "train.optimizer=sgd", "train.learning_rate=1000000", "train.lr_schedule=constant",
+        "model.batch_norm=false", "train.divergence_factor=1e300",  # only the NaN rule can fire
+    )
+    assert "loss became NaN/inf" in str(error)
+    assert "TrainingDiverged: training diverged: loss became NaN/inf" in run.data.tags["cassava.failure"]
+    assert "learning_rate = 1e+06" in run.data.tags["cassava.failure"]
+
+
+@pytest.mark.reliability
+def test_a_finite_divergence_fails_the_run_and_flags_the_exploding_gradients(workspace: Path) -> None:
+    # The issue's case: batch norm keeps the loss finite (5.6e16) while the learning rate blows it up.
+    error, run = _train_until_it_fails(workspace, "train.learning_rate=1000000", "train.lr_schedule=constant")
+    assert "exceeded train.divergence_factor = 1000 times the initial loss" in str(error)
+    failure = run.data.tags["cassava.failure"]
+    print(f"diverged run: {failure}")
+    assert failure.startswith("train: TrainingDiverged: training diverged: loss ") and "batch " in failure
+    assert run.data.tags["cassava.gradient_flag"].startswith("exploding at epoch 1")
+    assert "cassava.stage.train" not in run.data.tags
 
 
 def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
