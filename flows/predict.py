@@ -8,13 +8,23 @@ The flow's run in the Prefect UI carries a table of the files it skipped, with t
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import asdict
-from pathlib import Path
-from typing import Annotated, Any
+import sys
 
-import typer
+if __name__ == "__main__":
+    # Before Prefect loads (seconds) or a server starts: a missing folder or a tracking store that does not
+    # answer ends here, in one line with exit status 2.
+    from tasks.errors import run_entry
+    from tasks.predict import check_prediction_command_line
+
+    run_entry(lambda: check_prediction_command_line(sys.argv[1:]))
+
+import logging  # noqa: E402
+import os  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
 
 # Our loggers ("tasks.*") go to the Prefect UI and console next to Prefect's own.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
@@ -25,6 +35,7 @@ from prefect import flow, task  # noqa: E402  (after the logging settings above)
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
 from tasks.cli import quiet_libraries  # noqa: E402
+from tasks.errors import quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.predict import DEFAULT_MODEL_URI, PredictionSummary, predict_folder  # noqa: E402
 
 
@@ -54,6 +65,10 @@ def predict_flow(
     return result
 
 
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
 def main(
     folder: Annotated[str, typer.Argument(help="Folder of images (searched recursively).")],
     model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI (models:/... or runs:/...).")]
@@ -62,9 +77,7 @@ def main(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per prediction batch.")] = 64,
 ) -> None:
     """Classify a folder of leaf images under Prefect and say where the results are."""
-    if not Path(folder).is_dir():
-        typer.echo(f"error: {folder} is not a folder", err=True)  # before Prefect starts a server
-        raise typer.Exit(2)
+    quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
     result = predict_flow(folder=folder, model_uri=model, output=output, batch_size=batch_size)
     typer.echo(f"predicted {result['predicted']} images → {result['output_csv']}")
     if result["skipped"]:
@@ -72,4 +85,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_command_line(app, "python -m flows.predict")

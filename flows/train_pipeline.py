@@ -10,14 +10,25 @@ in threads).
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from typing import Annotated, Any, Optional
+import sys
 
-import typer
+if __name__ == "__main__":
+    # Before Prefect loads (seconds) or a server starts: bad params, a missing data root or a tracking store
+    # that does not answer end here, in one line with exit status 2.
+    from tasks.errors import run_entry
+    from tasks.preflight import check_command_line
 
-from tasks.params import ParamsError, load_params
+    run_entry(lambda: check_command_line(sys.argv[1:]))
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from typing import Annotated, Any, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from tasks.errors import UserError, quiet_expected_failures, run_command_line  # noqa: E402
+from tasks.params import load_params  # noqa: E402
 
 # Our stage loggers ("tasks.*") go to the Prefect UI and console next to Prefect's own.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
@@ -32,12 +43,11 @@ from tasks.params import Params  # noqa: E402
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O hiccups, not bad data or bad params: those fail the same way every time."""
-    from tasks.data import DataError
-
+    """Retry I/O hiccups, not expected failures (bad data, bad params, a missing store): those fail the same
+    way every time."""
     try:
         state.result()
-    except (DataError, ParamsError):
+    except UserError:
         return False
     except Exception:
         return True
@@ -71,6 +81,10 @@ def train_pipeline(overrides: list[str] | None = None, params_file: str | None =
     return {"run_id": run_id, "tracking_uri": configure_tracking(), "metrics": metrics}
 
 
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
 def main(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
@@ -78,28 +92,30 @@ def main(
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Run the cassava training pipeline once under Prefect and say where to look."""
-    try:
-        load_params(params_file, overrides or [])  # fail in under a second, before Prefect starts a server
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    from tasks.preflight import preflight
+
+    preflight(load_params(params_file, overrides or []))  # in a second, before Prefect starts a server
+    quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
     result = train_pipeline(overrides=overrides or [], params_file=params_file)
+    typer.echo(where_to_look(result))
+
+
+def where_to_look(result: dict[str, Any]) -> str:
+    """The end-of-run message: the run, its headline metrics, the report and figures, the UI command."""
     metrics = result["metrics"]
-    uri = result["tracking_uri"]
-    typer.echo(
-        "\n".join(
-            [
-                "",
-                f"MLflow run:      {result['run_id']}",
-                f"test accuracy:   {metrics['test_accuracy']:.4f}",
-                f"test macro F1:   {metrics['test_macro_f1']:.4f}",
-                "metrics file:    reports/metrics.json   (plots: reports/*.png)",
-                f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
-                "                 then http://127.0.0.1:5000 → experiment cassava-* (opens on its runs table)",
-            ]
-        )
+    return "\n".join(
+        [
+            "",
+            f"MLflow run:      {result['run_id']}",
+            f"test accuracy:   {metrics['test_accuracy']:.4f}",
+            f"test macro F1:   {metrics['test_macro_f1']:.4f}",
+            "report:          reports/report.html   (figures: reports/figures/, metrics: reports/metrics.json)",
+            f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1 "
+            "--port 5000",
+            "                 then http://127.0.0.1:5000 → experiment cassava-* (opens on its runs table)",
+        ]
     )
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_command_line(app, "python -m flows.train_pipeline")

@@ -1,8 +1,9 @@
 """Command line of the stages: `python -m tasks.cli <stage> [-S section.key=value ...]`.
 
 `dvc.yaml` runs exactly these commands, and the Prefect flow calls the same `run_<stage>` functions, so both
-paths share one definition of every stage. Params are validated before any heavy import: a bad value exits
-with status 2 and one line naming the key, the value and what is allowed.
+paths share one definition of every stage. Before any heavy import, params are validated and the stage's
+inputs and the tracking store checked (`tasks.preflight`): an expected failure (`tasks.errors.UserError`) exits
+with status 2 and one line saying what is wrong and what to do.
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from tasks.params import Params, ParamsError, load_params
+from tasks.errors import run_command_line
+from tasks.params import Params, load_params
+
+log = logging.getLogger("tasks.cli")  # also under `python -m tasks.cli`, where __name__ is __main__
 
 STAGES: dict[str, str] = {
     "acquire": "tasks.data:run_acquire",
     "prepare": "tasks.data:run_prepare",
     "train": "tasks.train:run_train",
     "evaluate": "tasks.evaluate:run_evaluate",
+}
+# What a stage does before its first log line of its own (imports and set-up take seconds to tens of seconds).
+STAGE_ACTIVITY: dict[str, str] = {
+    "acquire": "writing the data source into data/raw",
+    "prepare": "validating, de-duplicating and splitting data/raw",
+    "train": "loading TensorFlow, building the model",
+    "evaluate": "loading TensorFlow and the model, scoring the test split",
 }
 
 app = typer.Typer(
@@ -54,30 +65,20 @@ def configure_logging() -> None:
 
 
 def stage_entry(stage: str) -> Callable[[Params, str | None], str]:
-    """The `run_<stage>(params, run_id)` function of a stage, imported only when it is about to run."""
+    """The `run_<stage>(params, run_id)` function of a stage, imported only when it is about to run (the
+    start is said first: importing a stage can take seconds)."""
+    log.info("%s: starting (%s)", stage, STAGE_ACTIVITY.get(stage, STAGES[stage]))
     module_name, function_name = STAGES[stage].split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def load_or_exit(params_file: Path | None, overrides: list[str] | None) -> Params:
-    try:
-        return load_params(params_file, overrides or [])
-    except ParamsError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-
-
 def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None) -> None:
-    params = load_or_exit(params_file, overrides)
-    configure_logging()
-    from tasks.data import DataError
-    from tasks.train import TrainingDiverged
+    from tasks.preflight import preflight
 
-    try:
-        run_id = stage_entry(stage)(params, None)
-    except (DataError, TrainingDiverged) as error:  # the run is FAILED with the reason; one line is enough
-        typer.echo(f"error: {stage}: {error}", err=True)
-        raise typer.Exit(1) from None
+    params = load_params(params_file, overrides or [])
+    preflight(params, stage)
+    configure_logging()
+    run_id = stage_entry(stage)(params, None)
     typer.echo(f"{stage}: done (MLflow run {run_id})")
 
 
@@ -98,12 +99,12 @@ def check_params(overrides: OverridesOption = None, params_file: ParamsOption = 
     """Validate params.yaml (and overrides) and print the resolved values, flattened as MLflow logs them."""
     from tasks.params import flatten_params
 
-    for key, value in flatten_params(load_or_exit(params_file, overrides)).items():
+    for key, value in flatten_params(load_params(params_file, overrides or [])).items():
         typer.echo(f"{key} = {value}")
 
 
 def main() -> None:
-    app(prog_name="python -m tasks.cli")
+    run_command_line(app, "python -m tasks.cli")
 
 
 if __name__ == "__main__":

@@ -22,16 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tasks.errors import DataError
 from tasks.images import UnreadableImage, blur_score, content_hash, list_image_files, load_rgb_image
 from tasks.params import CASSAVA_CLASSES, DataParams, Params, workspace_root
 from tasks.prepared import MANIFEST_COLUMNS, SPLITS, PreparedData
 
 log = logging.getLogger(__name__)
 ACQUIRE_REPORT_NAME = ".acquire_report.json"  # a dot-file: never mistaken for an image of some class
-
-
-class DataError(ValueError):
-    """The data cannot be prepared as asked; the message says why and what to change."""
 
 
 # --------------------------------------------------------------------------------------------- acquire
@@ -74,11 +71,9 @@ def acquire(data: DataParams, raw_dir: Path) -> AcquireReport:
 
 
 def _existing_root(data: DataParams) -> Path:
-    root = Path(data.root or "")
-    root = root if root.is_absolute() else workspace_root() / root
-    if not root.is_dir():
-        raise DataError(f"data.root = {data.root!r}: no such folder (data.source = {data.source!r})")
-    return root
+    from tasks.preflight import check_data_source  # the check every entry also makes before anything slow
+
+    return check_data_source(data)
 
 
 def _place(source: Path, target: Path) -> None:
@@ -111,8 +106,6 @@ def _export_digits(raw_dir: Path) -> dict[str, int]:
 
 def _link_class_folders(root: Path, raw_dir: Path, report: AcquireReport) -> None:
     class_dirs = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"data.root = {root}: expected one sub-folder per class (<root>/<class>/*.jpg), found none")
     for stray in sorted(path for path in root.iterdir() if path.is_file()):
         report.skipped.append({"path": str(stray), "reason": "file outside any class folder"})
     for class_dir in class_dirs:
@@ -141,8 +134,6 @@ def _csv_class_names(root: Path, labels: set[str]) -> dict[str, str]:
 
 def _link_csv_layout(root: Path, raw_dir: Path, report: AcquireReport) -> None:
     table, images_dir = root / "train.csv", root / "train_images"
-    if not table.exists() or not images_dir.is_dir():
-        raise DataError(f"data.root = {root}: the csv layout needs train.csv and train_images/ (Kaggle 2020)")
     with table.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if rows and not {"image_id", "label"} <= set(rows[0]):
@@ -194,6 +185,7 @@ def prepare_dataset(data: DataParams, raw_dir: Path, prepared_dir: Path) -> Data
     files = list_image_files(raw_dir)
     if not files:
         raise DataError(f"{raw_dir} holds no files: run the acquire stage first")
+    log.info("prepare: validating, de-duplicating and resizing %d files", len(files))
     shutil.rmtree(prepared_dir, ignore_errors=True)
     prepared_dir.mkdir(parents=True)
     try:

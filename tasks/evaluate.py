@@ -145,6 +145,7 @@ def explain_model(
     gallery_png = figures_dir / "confidently_wrong.png"
     wrong = analysis.plot_confidently_wrong(test_images, probabilities, test_labels, names, gallery_png, settings.gallery_size)
 
+    log.info("evaluate: robustness curves (rotation, flip, blur) on %d test images", len(test_labels))
     predict = analysis.prediction_function(model, settings.batch_size)
     curves = {
         "rotation (degrees)": analysis.robustness_curve(predict, test_images, test_labels, analysis.rotate_images,
@@ -170,11 +171,13 @@ def explain_model(
     sample = analysis.sample_per_class(test_labels, settings.saliency_per_class, settings.seed)
     saliency_png = figures_dir / "saliency.png"
     if sample:
+        log.info("evaluate: Grad-CAM saliency for %d test images", len(sample))
         predicted = evaluation.predicted[sample]
         heatmaps = analysis.saliency_maps(model, test_images[sample], predicted)
         titles = [f"true {names[test_labels[i]]} / pred {names[p]}" for i, p in zip(sample, predicted)]
         analysis.plot_saliency_grid(test_images[sample], heatmaps, titles, saliency_png)
 
+    log.info("evaluate: train/test distribution shift (two-sample test on the model's embeddings)")
     train_images, _ = prepared.split("train")
     shift = analysis.distribution_shift(
         train_images, test_images, analysis.embedding_function(model, "pool", settings.batch_size), settings.seed,

@@ -8,17 +8,20 @@ TensorFlow, so a bad value is reported in well under two seconds.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.errors import UserError
+
 CASSAVA_CLASSES = ("cbb", "cbsd", "cgm", "cmd", "healthy")
 DEFAULT_PARAMS_FILE = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params file or override is invalid; the message is one line naming key, value and what is allowed."""
 
 
@@ -29,6 +32,8 @@ class _Section(BaseModel):
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+# NumPy's and TensorFlow's generators take seeds in [0, 2**32): a negative one would fail deep inside a stage.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class SyntheticParams(_Section):
@@ -45,7 +50,7 @@ class DataParams(_Section):
     image_size: Annotated[int, Field(ge=8, le=512)] = 64
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.15
-    seed: int = 42
+    seed: Seed = 42
     min_images_per_class: Annotated[int, Field(ge=3)] = 10
     small_class_policy: Literal["error", "drop"] = "error"
     min_image_side: Annotated[int, Field(ge=1)] = 8  # images with a shorter side are skipped as too small
@@ -166,7 +171,7 @@ class TrainParams(_Section):
     divergence_factor: Annotated[float, Field(gt=1.0)] = 1000.0
     # Back up every epoch; a killed training started again continues from the last finished epoch.
     resume: bool = True
-    seed: int = 42
+    seed: Seed = 42
 
 
 class EvaluateParams(_Section):
@@ -182,7 +187,7 @@ class EvaluateParams(_Section):
     shift_auc_threshold: Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
     learning_curve: bool = False  # retrains on fractions of the training split: costs a training per fraction
     learning_curve_fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [0.1, 0.25, 0.5, 1.0]
-    seed: int = 0
+    seed: Seed = 0
 
 
 class RegistryParams(_Section):
@@ -209,6 +214,25 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _gate_metric_is_scored(self) -> "Params":
+        allowed = gate_metrics(self.evaluate.top_k)
+        metric = self.registry.metric
+        if metric not in allowed and not PER_CLASS_GATE_METRIC.fullmatch(metric):
+            raise ValueError(
+                f"registry.metric = {metric!r}: not a metric the evaluation scores; use one of "
+                f"{', '.join(allowed)} or test_precision/test_recall/test_f1.<class>"
+            )
+        return self
+
+
+# The registry gate compares a metric where higher is better, among those `evaluate.score_predictions` returns.
+PER_CLASS_GATE_METRIC = re.compile(r"test_(precision|recall|f1)\.[^.\s]+")
+
+
+def gate_metrics(top_k: int) -> tuple[str, ...]:
+    return ("test_accuracy", "test_macro_f1", f"test_top{top_k}_accuracy")
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -277,14 +301,28 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     """Read params.yaml (default: the one at the repository root), apply overrides, validate."""
     params_file = Path(path) if path else workspace_root() / DEFAULT_PARAMS_FILE
     try:
-        tree = yaml.safe_load(params_file.read_text()) or {}
+        tree = yaml.safe_load(params_file.read_text())
     except FileNotFoundError:
-        raise ParamsError(f"params file not found: {params_file}") from None
+        raise ParamsError(
+            f"params file not found: {params_file}; run from the repository root or pass --params"
+        ) from None
     except yaml.YAMLError as error:
-        raise ParamsError(f"{params_file}: not valid YAML ({error})") from None
+        raise ParamsError(_describe_yaml_error(params_file, error)) from None
+    if not tree:
+        # Running on built-in defaults would hide a truncated or emptied file.
+        raise ParamsError(f"{params_file} is empty: it must hold the sections {', '.join(Params.model_fields)} "
+                          "(restore it with `git checkout params.yaml`)")
     if not isinstance(tree, dict):
-        raise ParamsError(f"{params_file}: expected a mapping of sections (data, model, train, ...)")
+        raise ParamsError(f"{params_file}: expected a mapping of sections ({', '.join(Params.model_fields)})")
     return validate_params(apply_overrides(tree, overrides))
+
+
+def _describe_yaml_error(params_file: Path, error: yaml.YAMLError) -> str:
+    """`file:line:column: problem` (1-based, as editors count), instead of PyYAML's several-line message."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{params_file}:{mark.line + 1}:{mark.column + 1}" if mark else str(params_file)
+    problem = getattr(error, "problem", None) or str(error)
+    return f"{where}: not valid YAML: {problem}"
 
 
 def flatten_params(params: Params) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
 import typer
 
+from tasks.errors import UserError, run_command_line
 from tasks.register import CHAMPION_ALIAS, CLASSES_TAG, DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
@@ -36,8 +37,9 @@ DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION_ALIAS}"
 SKIPPED_COLUMNS = ("file", "reason")
 
 
-class PredictionError(RuntimeError):
-    """The model cannot be used for prediction (no signature, unknown class names); str() says why."""
+class PredictionError(UserError, RuntimeError):
+    """No such model or folder, or the model cannot be used for prediction (no signature, unknown class names);
+    str() says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,27 @@ def load_model(model_uri: str) -> "PyFuncModel":
     """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at."""
     import mlflow
 
+    with _missing_model_is_an_error(model_uri):
+        return mlflow.pyfunc.load_model(model_uri)
+
+
+@contextlib.contextmanager
+def _missing_model_is_an_error(model_uri: str) -> Iterator[None]:
+    """Point MLflow at the tracking store; a model URI that names nothing there becomes a PredictionError."""
+    from mlflow.exceptions import MlflowException
+
     from tasks.tracking import configure_tracking
 
-    configure_tracking()
-    return mlflow.pyfunc.load_model(model_uri)
+    store = configure_tracking()
+    try:
+        yield
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise PredictionError(
+            f"model {model_uri}: {error.message} in {store}; train and register one (python3 dev.py run), or pass "
+            "--model runs:/<run id>/model or models:/<name>/<version>"
+        ) from None
 
 
 def model_image_size(model: "PyFuncModel") -> int:
@@ -157,8 +176,7 @@ def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: i
     from tasks.images import UnreadableImage, list_image_files, load_rgb_image
 
     folder, output_csv = Path(folder), Path(output_csv)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
+    require_folder(folder)
     model = load_model(model_uri)
     image_size = model_image_size(model)
     run_id, class_names = model_class_names(model)
@@ -203,14 +221,44 @@ def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: i
     return summary
 
 
+def require_folder(folder: Path) -> None:
+    if not Path(folder).is_dir():
+        raise PredictionError(f"{folder} is not a folder: give a folder of images")
+
+
+def check_prediction_inputs(folder: Path, model_uri: str) -> None:
+    """Before TensorFlow or Prefect load: the folder exists, the tracking store answers, the model exists (its
+    metadata only is read)."""
+    from tasks.preflight import cap_mlflow_http_retries, check_tracking_store, tracking_uri
+
+    require_folder(folder)
+    cap_mlflow_http_retries()
+    check_tracking_store(tracking_uri())
+    from mlflow.models import get_model_info
+
+    with _missing_model_is_an_error(model_uri):
+        get_model_info(model_uri)
+
+
+def check_prediction_command_line(argv: Sequence[str]) -> None:
+    """`check_prediction_inputs` for a command line (`FOLDER [--model URI]`), for an entry to call before it
+    imports Prefect; anything else (and --help) is left to the entry's own parser."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("folder", nargs="?")
+    parser.add_argument("-m", "--model", default=DEFAULT_MODEL_URI)
+    known, _ = parser.parse_known_args(list(argv))
+    if known.folder and not {"-h", "--help"} & set(argv):
+        check_prediction_inputs(Path(known.folder), known.model)
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def main(
-    folder: Annotated[
-        Path, typer.Argument(exists=True, file_okay=False, help="Folder of images (searched recursively).")
-    ],
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     model: Annotated[
         str,
         typer.Option(
@@ -225,20 +273,15 @@ def main(
 ) -> None:
     """Classify a folder of leaf images with an MLflow model (the tracking store: MLFLOW_TRACKING_URI, else
     mlflow.db at the repository root)."""
-    from mlflow.exceptions import MlflowException
-
     from tasks.cli import configure_logging
 
+    check_prediction_inputs(folder, model)
     configure_logging()
-    try:
-        summary = predict_folder(model, folder, output, batch_size)
-    except (MlflowException, PredictionError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    summary = predict_folder(model, folder, output, batch_size)
     typer.echo(f"predicted {summary.predicted} images → {summary.output_csv}")
     if summary.skipped:
         typer.echo(f"skipped {len(summary.skipped)} unreadable files → {summary.skipped_csv}")
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m tasks.predict")
+    run_command_line(app, "python -m tasks.predict")

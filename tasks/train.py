@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from tasks.errors import UserError
 from tasks.params import Params, TrainParams, flatten_params, workspace_root
 from tasks.prepared import PreparedData, batched_dataset
 
@@ -53,7 +54,7 @@ class TrainSummary:
         return {key: float(value) for key, value in asdict(self).items() if key != "gradient_flags"}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became non-finite or exploded, or weights or gradients did; training was stopped and no model
     is saved. `gradient_flags` are the per-epoch gradient-norm flags up to the stop."""
 
@@ -327,6 +328,7 @@ def train_classifier(
     progress = progress or Progress(fingerprint=training_fingerprint(params, prepared))
     first_epoch = len(progress.history)
 
+    log.info("train: building the model (conv blocks %s) and measuring its initialization", params.model.conv_filters)
     model = build_classifier(params.model, params.data.image_size, class_count, params.train.seed)
     model.compile(
         optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]

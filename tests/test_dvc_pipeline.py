@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_params_tree
 from tests.helpers import clone_project
+
+pytestmark = pytest.mark.slow  # real DVC in a temporary git repository, whole pipeline
 
 
 def _run(command: list[str], cwd: Path) -> str:
@@ -90,7 +93,12 @@ def test_an_evaluation_param_reruns_only_evaluation_and_the_new_run_tells_the_wh
     assert len(history) == trained.data.metrics["train.epochs_run"]
     artifacts = {item.path for item in MlflowClient().list_artifacts(latest.info.run_id, "data")}
     assert "data/data_report.json" in artifacts
-    assert mlflow.pyfunc.load_model(f"runs:/{latest.info.run_id}/model") is not None
+    # The carried-over model is the trained one: same answers on the input example the training saved.
+    example = np.load(project / "models" / "model" / "input_example.npy")
+    carried = mlflow.pyfunc.load_model(f"runs:/{latest.info.run_id}/model").predict(example)
+    trained_model = mlflow.pyfunc.load_model(f"runs:/{trained.info.run_id}/model").predict(example)
+    assert carried.shape == (len(example), 5)
+    assert np.array_equal(carried, trained_model)
 
 
 def test_plots_render(project: Path) -> None:

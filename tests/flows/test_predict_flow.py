@@ -10,6 +10,8 @@ import pytest
 from tests.tasks.test_predict import register_champion, write_leaf_folder
 from tests.helpers import log_model_run, open_store, oracle_model, save_model_dir
 
+pytestmark = [pytest.mark.slow, pytest.mark.server]  # a real temporary Prefect server
+
 
 @pytest.fixture(scope="module")
 def prefect_server():

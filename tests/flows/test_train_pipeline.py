@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -11,9 +13,14 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tasks.layout import HISTORY_FILE, MODEL_DIR, PREPARED_DIR, TRAIN_SUMMARY_FILE
-from tasks.params import flatten_params, load_params
-from tasks.tracking import describe_run, dvc_data_version
+from prefect.client.orchestration import get_client
+from sklearn.metrics import f1_score, recall_score
+
+from tasks.layout import HISTORY_FILE, MODEL_DIR, PREDICTIONS_FILE, PREPARED_DIR, TRAIN_SUMMARY_FILE
+from tasks.params import code_root, flatten_params, load_params
+from tasks.tracking import code_state, describe_run, dvc_data_version
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]  # a real temporary Prefect server
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +32,9 @@ def prefect_server():
 
 
 def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
-    from flows.train_pipeline import train_pipeline
+    from flows.train_pipeline import train_pipeline, where_to_look
 
+    _, code_changed = code_state(code_root())  # tracked code differing from the commit (outputs do not count)
     result = train_pipeline(overrides=["train.learning_rate=0.003"])
     client = MlflowClient()
     run = client.get_run(result["run_id"])
@@ -42,17 +50,26 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
 
     tags = run.data.tags
     assert tags["cassava.trigger"] == "prefect"
-    assert tags["cassava.prefect_flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        assert tags["cassava.prefect_flow_run_id"] in {str(flow_run.id) for flow_run in prefect.read_flow_runs()}
     assert tags["cassava.data_version"] == dvc_data_version(workspace / PREPARED_DIR)
-    assert tags["cassava.git_dirty"] in ("true", "false") and len(tags["mlflow.source.git.commit"]) == 40
-    assert tags["cassava.version.tensorflow-cpu"] and tags["cassava.version.keras"].startswith("3.")
+    assert tags["cassava.git_dirty"] == ("true" if code_changed else "false")
+    assert tags["mlflow.source.git.commit"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=code_root(), capture_output=True, text=True, check=True).stdout.strip()
+    assert tags["cassava.version.tensorflow-cpu"] == metadata.version("tensorflow-cpu")
+    assert tags["cassava.version.keras"] == metadata.version("keras")
     for stage in ("acquire", "prepare", "train", "evaluate"):
         assert tags[f"cassava.stage.{stage}"] == "done"
 
     metrics = run.data.metrics
     reported = json.loads((workspace / "reports/metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(reported["test_accuracy"]) == result["metrics"]["test_accuracy"]
-    assert 0.0 <= metrics["test_macro_f1"] <= 1.0 and "test_recall.cmd" in metrics
+    with (workspace / PREDICTIONS_FILE).open() as handle:
+        predictions = list(csv.DictReader(handle))
+    actual, predicted = [row["actual"] for row in predictions], [row["predicted"] for row in predictions]
+    assert metrics["test_macro_f1"] == pytest.approx(f1_score(actual, predicted, average="macro", zero_division=0))
+    assert metrics["test_recall.cmd"] == pytest.approx(recall_score(actual, predicted, labels=["cmd"], average="macro",
+                                                                    zero_division=0))
     summary = json.loads((workspace / TRAIN_SUMMARY_FILE).read_text())
     assert metrics["train.best_epoch"] == summary["best_epoch"]
     with (workspace / HISTORY_FILE).open() as handle:
@@ -72,9 +89,15 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
             "evaluation/saliency.png", "evaluation/failure_analysis.json"} <= artifacts
     assert {"test_expected_calibration_error", "test_roc_auc_ovr", "test_weighted_f1", "test_shift_auc",
             "test_accuracy_rotation_max", "test_sharp_accuracy"} <= set(metrics)
-    assert tags["cassava.shift_verdict"] in ("shift detected", "no shift detected")
+    shifted = metrics["test_shift_auc"] >= params.evaluate.shift_auc_threshold
+    assert tags["cassava.shift_verdict"] == ("shift detected" if shifted else "no shift detected")
     assert tags["cassava.init_verdict"] == "healthy"
     assert [dataset.dataset.digest for dataset in run.inputs.dataset_inputs] == [tags["cassava.data_version"][:32]]
+
+    # The end-of-run message points at files that exist.
+    message = where_to_look(result)
+    assert f"MLflow run:      {run.info.run_id}" in message and "reports/figures/" in message
+    assert (workspace / "reports" / "report.html").is_file() and (workspace / "reports" / "figures").is_dir()
 
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     example = np.load(workspace / MODEL_DIR / "input_example.npy")

@@ -227,6 +227,7 @@ def striped_test_set() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return striped_patches(96, seed=2)
 
 
+@pytest.mark.slow
 def test_robustness_curves_fall_under_rotation_and_blur(trained_model, striped_test_set, tmp_path: Path) -> None:
     images, labels, _ = striped_test_set
     predict = prediction_function(trained_model, batch_size=64)
@@ -244,6 +245,7 @@ def test_robustness_curves_fall_under_rotation_and_blur(trained_model, striped_t
     assert figure.read_bytes()[:4] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_grad_cam_points_at_the_patch(trained_model, striped_test_set, tmp_path: Path) -> None:
     images, labels, corners = striped_test_set
     assert last_conv_layer_name(trained_model) == "block2_relu"
@@ -293,6 +295,7 @@ def test_sample_per_class_is_seeded_and_balanced() -> None:
     assert np.bincount(labels[first]).tolist() == [4, 3, 4]  # a small class gives all it has
 
 
+@pytest.mark.slow
 def test_distribution_shift_two_sample_test(trained_model) -> None:
     embed = embedding_function(trained_model, "pool")
     # 300 a side: under no shift the out-of-fold AUC then varies by about 0.025 around 0.5.

@@ -71,8 +71,7 @@ def test_exponential_and_constant_schedules() -> None:
 
 def test_plateau_schedule_adds_reduce_on_plateau(tmp_path) -> None:
     params = _params("train.lr_schedule=plateau", "train.schedule.plateau_factor=0.2", "train.schedule.plateau_patience=3")
-    callbacks = _callbacks(params, Progress("x"), tmp_path, tmp_path / "best.keras",
-                           (np.zeros((1, 32, 32, 3), np.float32), np.zeros(1, np.int32)), None, [])
+    callbacks = _callbacks(params, Progress("x"), tmp_path, tmp_path / "best.keras", [], None)
     (plateau,) = [callback for callback in callbacks if isinstance(callback, keras.callbacks.ReduceLROnPlateau)]
     assert plateau.factor == pytest.approx(0.2) and plateau.patience == 3
     assert not callable(learning_rate_schedule(params.train, 10))  # a plain rate the callback can lower

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from tasks.errors import run_entry
 from tasks.predict import app, predict_folder
 from tasks.register import CHAMPION_ALIAS
 from tests.helpers import (
@@ -85,6 +86,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_predicts_readable_files_and_lists_unreadable_ones(champion: Champion, tmp_path: Path) -> None:
     expected = write_leaf_folder(tmp_path / "leaves")
     output = tmp_path / "out" / "predictions.csv"
@@ -109,6 +111,7 @@ def test_predicts_readable_files_and_lists_unreadable_ones(champion: Champion, t
     assert {(item.file, item.reason) for item in summary.skipped} == set(skipped.items())
 
 
+@pytest.mark.slow
 def test_command_line_with_a_run_model_uri(champion: Champion, tmp_path: Path) -> None:
     write_leaf_folder(tmp_path / "leaves")
     output = tmp_path / "leaves" / "predictions.csv"  # inside the folder: a second run must not read it as an image
@@ -122,10 +125,19 @@ def test_command_line_with_a_run_model_uri(champion: Champion, tmp_path: Path) -
     assert len(_read_csv(output)) == 4 and len(_read_csv(tmp_path / "leaves" / "predictions.skipped.csv")) == 3
 
 
-def test_command_line_reports_a_missing_model_without_a_traceback(champion: Champion, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_command_line_reports_a_missing_model_in_one_line_with_exit_2(
+        champion: Champion, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "leaves").mkdir()
-    result = CliRunner().invoke(app, [str(tmp_path / "leaves"), "--model", "models:/no-such-model@champion"])
-    assert result.exit_code == 1 and "error:" in result.output and "no-such-model" in result.output
+    with pytest.raises(SystemExit) as exited:
+        run_entry(lambda: app([str(tmp_path / "leaves"), "--model", "models:/no-such-model@champion"],
+                              prog_name="python -m tasks.predict"))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: model models:/no-such-model@champion: Registered Model with name=no-such-model not found in "
+        f"{champion.tracking_uri}; train and register one (python3 dev.py run), or pass --model "
+        "runs:/<run id>/model or models:/<name>/<version>\n"
+    )
 
 
 def test_help_answers_without_loading_tensorflow_or_mlflow() -> None:
@@ -191,6 +203,7 @@ def _stop(server: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.server  # mlflow models serve
 def test_served_champion_returns_class_probabilities(champion: Champion, tmp_path: Path) -> None:
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH

@@ -77,6 +77,7 @@ def _gate_tags(run_id: str) -> tuple[str, str]:
     return tags["cassava.gate.decision"], tags["cassava.gate.reason"]
 
 
+@pytest.mark.slow
 def test_first_model_is_registered_and_becomes_champion(runs: dict[str, str]) -> None:
     result = _gate(runs["constant"], "first")
     assert result.decision.register and result.registered_version == 1 and result.champion_version is None
@@ -91,6 +92,7 @@ def test_first_model_is_registered_and_becomes_champion(runs: dict[str, str]) ->
     )
 
 
+@pytest.mark.slow
 def test_better_model_is_registered_and_takes_the_alias(runs: dict[str, str]) -> None:
     _gate(runs["constant"], "better")
     result = _gate(runs["oracle"], "better")
@@ -101,6 +103,7 @@ def test_better_model_is_registered_and_takes_the_alias(runs: dict[str, str]) ->
     assert reason == "test_macro_f1 0.9000 beats the champion's 0.8000 (champion: version 1)"
 
 
+@pytest.mark.slow
 def test_worse_model_is_rejected_and_the_alias_stays(runs: dict[str, str]) -> None:
     _gate(runs["oracle"], "worse")
     result = _gate(runs["constant"], "worse")
@@ -112,6 +115,7 @@ def test_worse_model_is_rejected_and_the_alias_stays(runs: dict[str, str]) -> No
     assert reason == "test_macro_f1 0.8000 does not beat the champion's 0.9000 (champion: version 1)"
 
 
+@pytest.mark.slow
 def test_model_below_the_minimum_is_rejected_and_not_registered(runs: dict[str, str]) -> None:
     result = _gate(runs["oracle"], "strict", minimum=0.95)
     assert not result.decision.register
@@ -119,6 +123,7 @@ def test_model_below_the_minimum_is_rejected_and_not_registered(runs: dict[str, 
     assert MlflowClient().search_registered_models("name = 'strict'") == []
 
 
+@pytest.mark.slow
 def test_champion_of_another_data_version_is_rescored_on_the_candidates_split(runs: dict[str, str]) -> None:
     _gate(runs["constant"], "rescored")  # 0.8 on v1; on the v2 split it always answers cbb: macro F1 1/6
     result = _gate(runs["oracle_v2"], "rescored")  # 0.7 < 0.8 recorded, but > 1/6 on the same split
@@ -130,6 +135,7 @@ def test_champion_of_another_data_version_is_rescored_on_the_candidates_split(ru
     assert MlflowClient().get_run(runs["oracle_v2"]).data.tags["cassava.gate.champion_metric"].startswith("0.1666")
 
 
+@pytest.mark.slow
 def test_champion_that_cannot_take_the_test_images_is_not_replaced(runs: dict[str, str]) -> None:
     _gate(runs["constant"], "resized")
     result = _gate(runs["oracle_v2"], "resized", image_size=16)  # the new data version is 16x16

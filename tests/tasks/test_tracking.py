@@ -113,6 +113,7 @@ def _stage_in_subprocess(workspace: Path, ending: str, fingerprint: str | None =
     return result.returncode, result.stdout.split()[0]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed(workspace: Path) -> None:
     returncode, run_id = _stage_in_subprocess(workspace, "os.kill(os.getpid(), signal.SIGTERM)")
     assert returncode != 0
@@ -121,6 +122,7 @@ def test_sigterm_ends_the_run_killed(workspace: Path) -> None:
     assert "interrupted" in run.data.tags["cassava.failure"]
 
 
+@pytest.mark.slow
 def test_runs_of_dead_processes_are_reaped(workspace: Path, tiny_params: Params) -> None:
     _, run_id = _stage_in_subprocess(workspace, "os._exit(9)  # as SIGKILL: no cleanup at all")
     client = MlflowClient()

@@ -46,6 +46,7 @@ def test_optimizers_get_their_hyper_parameters(tiny_params: Params) -> None:
     assert isinstance(build_optimizer(tiny_params.train, 10), keras.optimizers.Adam)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_reports_the_restored_epoch(
     tiny_params: Params, prepared: PreparedData, tmp_path: Path
 ) -> None:

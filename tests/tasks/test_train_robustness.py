@@ -41,6 +41,7 @@ def _train_command(workspace: Path) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "tasks.cli", "train"], environment
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_in_the_same_run_and_ends_as_if_uninterrupted(workspace: Path) -> None:
     _write_params(workspace, "train.epochs=6", "train.early_stopping.patience=10", "data.synthetic.images_per_class=24")
     params = load_params()
@@ -108,6 +109,7 @@ def test_the_divergence_rule(loss: float, reference: float | None, verdict: str 
         assert reason is not None and verdict in reason
 
 
+@pytest.mark.slow
 def test_the_gradient_norm_is_the_one_the_optimizer_applied(tmp_path: Path) -> None:
     from tasks.data import acquire, prepare_dataset
     from tasks.prepared import PreparedData
@@ -154,6 +156,7 @@ def _train_until_it_fails(workspace: Path, *overrides: str) -> tuple[Exception, 
     return failure.value, run
 
 
+@pytest.mark.slow
 def test_a_nan_loss_fails_the_run_and_keeps_the_previous_outputs(workspace: Path) -> None:
     error, run = _train_until_it_fails(
         workspace, "train.optimizer=sgd", "train.learning_rate=1000000", "train.lr_schedule=constant",
@@ -176,6 +179,7 @@ def test_a_finite_divergence_fails_the_run_and_flags_the_exploding_gradients(wor
     assert "cassava.stage.train" not in run.data.tags
 
 
+@pytest.mark.slow
 def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
     from tasks.evaluate import run_evaluate
     from tasks.train import run_train
