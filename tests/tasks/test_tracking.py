@@ -133,6 +133,7 @@ def test_runs_of_dead_processes_are_reaped(workspace: Path, tiny_params: Params)
 
 
 
+@pytest.mark.slow
 def test_a_killed_training_is_continued_in_its_run_by_the_next_execution(workspace: Path, tiny_params: Params) -> None:
     _, killed = _stage_in_subprocess(workspace, "os._exit(9)  # as SIGKILL", fingerprint="training-1")
     assert (workspace / INTERRUPTED_RUN_FILE).exists()
