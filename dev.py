@@ -3,6 +3,7 @@
 
     python3 dev.py run  [-S section.key=value ...]   # set up .venv if needed, run the pipeline once (Prefect)
     python3 dev.py test [pytest args ...]            # set up .venv if needed, run the whole test suite
+    python3 dev.py platform [--prefect-port N ...]   # Prefect server + MLflow UI + scheduled retraining (Ctrl-C stops)
 
 Set-up is idempotent: `.venv` is created once and re-installed only when requirements.lock changes (its
 hash is stamped inside the venv). Installation uses uv (pinned, installed into the venv by pip) because it
@@ -62,6 +63,7 @@ def main(argv: list[str]) -> None:
     commands = {
         "run": ["-m", "flows.train_pipeline"],
         "test": ["-m", "pytest"],
+        "platform": ["-m", "flows.platform"],
         "setup": None,
     }
     if not argv or argv[0] not in commands:

@@ -77,8 +77,11 @@ def main(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per prediction batch.")] = 64,
 ) -> None:
     """Classify a folder of leaf images under Prefect and say where the results are."""
+    from flows.prefect_api import prefect_api
+
     quiet_expected_failures()  # their one line is printed by the entry, not a traceback by Prefect
-    result = predict_flow(folder=folder, model_uri=model, output=output, batch_size=batch_size)
+    with prefect_api(announce=typer.echo):  # a running Prefect server, or a private one; says which
+        result = predict_flow(folder=folder, model_uri=model, output=output, batch_size=batch_size)
     typer.echo(f"predicted {result['predicted']} images → {result['output_csv']}")
     if result["skipped"]:
         typer.echo(f"skipped {len(result['skipped'])} unreadable files → {result['skipped_csv']}")

@@ -400,6 +400,9 @@ def saliency_maps(
         batch = tf.convert_to_tensor(np.asarray(images[start : start + batch_size], dtype=np.float32))
         wanted = tf.constant(classes[start : start + batch_size])
         with tf.GradientTape() as tape:
+            # Watched, so the explained activations are recorded even when no trainable weight precedes them
+            # (a frozen backbone).
+            tape.watch(batch)
             activations, scores = explained(batch, training=False)
             if from_logits:
                 scores = tf.matmul(scores, head.kernel) + head.bias

@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "prepare": "tasks.data:run_prepare",
     "train": "tasks.train:run_train",
     "evaluate": "tasks.evaluate:run_evaluate",
+    "pretrain": "tasks.pretrain:run_pretrain",  # source-task pretraining (pipelines/pretrain/dvc.yaml, outside the DAG)
 }
 # What a stage does before its first log line of its own (imports and set-up take seconds to tens of seconds).
 STAGE_ACTIVITY: dict[str, str] = {
@@ -34,6 +35,7 @@ STAGE_ACTIVITY: dict[str, str] = {
     "prepare": "validating, de-duplicating and splitting data/raw",
     "train": "loading TensorFlow, building the model",
     "evaluate": "loading TensorFlow and the model, scoring the test split",
+    "pretrain": "acquiring, preparing and training on the source data set in pretrain/",
 }
 
 app = typer.Typer(
@@ -47,6 +49,9 @@ OverridesOption = Annotated[
     Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
 ]
 ParamsOption = Annotated[Optional[Path], typer.Option("--params", help="Params file (default: params.yaml).")]
+ProfileOption = Annotated[
+    Optional[str], typer.Option("--profile", help="A params profile (profiles/<name>.yaml), applied before -S.")
+]
 
 
 def quiet_libraries() -> None:
@@ -72,10 +77,10 @@ def stage_entry(stage: str) -> Callable[[Params, str | None], str]:
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None) -> None:
+def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None, profile: str | None = None) -> None:
     from tasks.preflight import preflight
 
-    params = load_params(params_file, overrides or [])
+    params = load_params(params_file, overrides or [], profile)
     preflight(params, stage)
     configure_logging()
     run_id = stage_entry(stage)(params, None)
@@ -83,8 +88,8 @@ def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None
 
 
 def _register(stage: str) -> None:
-    def command(overrides: OverridesOption = None, params_file: ParamsOption = None) -> None:
-        _run_stage(stage, params_file, overrides)
+    def command(overrides: OverridesOption = None, params_file: ParamsOption = None, profile: ProfileOption = None) -> None:
+        _run_stage(stage, params_file, overrides, profile)
 
     command.__doc__ = f"Run the {stage} stage ({STAGES[stage].replace(':', '.')})."
     app.command(stage)(command)
@@ -95,12 +100,22 @@ for _stage in STAGES:
 
 
 @app.command("check-params")
-def check_params(overrides: OverridesOption = None, params_file: ParamsOption = None) -> None:
+def check_params(overrides: OverridesOption = None, params_file: ParamsOption = None, profile: ProfileOption = None) -> None:
     """Validate params.yaml (and overrides) and print the resolved values, flattened as MLflow logs them."""
     from tasks.params import flatten_params
 
-    for key, value in flatten_params(load_params(params_file, overrides or [])).items():
+    for key, value in flatten_params(load_params(params_file, overrides or [], profile)).items():
         typer.echo(f"{key} = {value}")
+
+
+@app.command("profile")
+def profile_arguments(name: Annotated[str, typer.Argument(help="Profile name, e.g. real-photos.")]) -> None:
+    """Print a params profile as -S arguments: `dvc exp run $(python -m tasks.cli profile real-photos)`."""
+    import shlex
+
+    from tasks.params import profile_overrides
+
+    typer.echo(" ".join(f"-S {shlex.quote(override)}" for override in profile_overrides(name)))
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import UserError
 
@@ -86,7 +86,60 @@ class AugmentationParams(_Section):
     brightness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+# Keras applications usable as `model.backbone`; every one takes images of at least 32 x 32 pixels.
+BACKBONE_APPLICATIONS = ("mobilenet_v2", "efficientnet_b0", "resnet50_v2")
+MIN_BACKBONE_IMAGE_SIZE = 32
+MLFLOW_SOURCE_PREFIXES = ("runs:/", "models:/")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_path(value: str) -> Path:
+    """A params path: absolute, or relative to the workspace (the repository root by default)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else workspace_root() / path
+
+
+def is_mlflow_source(weights: str) -> bool:
+    """`runs:/<id>/<path>`, `models:/<name>@<alias>` / `models:/<name>/<version>`, or a bare run id."""
+    return weights.startswith(MLFLOW_SOURCE_PREFIXES) or bool(_RUN_ID.match(weights))
+
+
+def _check_backbone(backbone: str) -> str:
+    if backbone in ("none", *BACKBONE_APPLICATIONS):
+        return backbone
+    if not backbone.endswith(".keras"):
+        raise ValueError(
+            f"model.backbone = {backbone!r}: expected none, {', '.join(BACKBONE_APPLICATIONS)} "
+            "or the path of a local Keras model file (.keras)"
+        )
+    if not resolve_path(backbone).is_file():
+        raise ValueError(f"model.backbone = {backbone!r}: file not found ({resolve_path(backbone)})")
+    return backbone
+
+
+def _check_backbone_weights(weights: str) -> str:
+    if weights in ("none", "imagenet") or is_mlflow_source(weights):
+        return weights
+    if not weights.endswith(".h5"):
+        raise ValueError(
+            f"model.backbone_weights = {weights!r}: expected none, imagenet, a local weights file (.weights.h5 or "
+            "Keras' .h5), an MLflow model URI (runs:/<run id>/model, models:/<name>@<alias>) or a run id"
+        )
+    if not resolve_path(weights).is_file():
+        raise ValueError(f"model.backbone_weights = {weights!r}: file not found ({resolve_path(weights)})")
+    return weights
+
+
 class ModelParams(_Section):
+    # none: the CNN below; a Keras application; or a local .keras model (raw RGB 0..255 in, features out).
+    backbone: Annotated[str, AfterValidator(_check_backbone)] = "none"
+    # none (random init; a .keras backbone keeps its saved weights), imagenet, a local .h5 weights file, or an
+    # MLflow model of one of our runs whose backbone part is taken (runs:/<id>/model, models:/<name>@champion).
+    backbone_weights: Annotated[str, AfterValidator(_check_backbone_weights)] = "none"
+    backbone_alpha: Annotated[float, Field(ge=0.35, le=1.4)] = 1.0  # mobilenet_v2 width multiplier
+    # Images are resized to this inside the model before the backbone; None: as prepared (data.image_size),
+    # or the fixed input size of a .keras backbone.
+    backbone_input_size: Annotated[int, Field(ge=MIN_BACKBONE_IMAGE_SIZE, le=1024)] | None = None
     conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [16, 32, 64]
     kernel_size: Annotated[int, Field(ge=1, le=11)] = 3
     # One value for every block, or one per block.
@@ -112,6 +165,25 @@ class ModelParams(_Section):
                     f"({len(self.conv_filters)}, as model.conv_filters), or give a single value"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _weights_fit_the_backbone(self) -> "ModelParams":
+        if self.backbone == "none" and self.backbone_weights != "none" and not is_mlflow_source(self.backbone_weights):
+            raise ValueError(
+                f"model.backbone_weights = {self.backbone_weights!r} needs a Keras application as model.backbone "
+                f"({', '.join(BACKBONE_APPLICATIONS)}); the CNN (backbone none) takes only none or an MLflow source"
+            )
+        if self.backbone.endswith(".keras") and (self.backbone_weights == "imagenet" or is_mlflow_source(self.backbone_weights)):
+            raise ValueError(
+                f"model.backbone_weights = {self.backbone_weights!r}: a .keras backbone brings its own weights "
+                "(use none, or a .weights.h5 file for that model)"
+            )
+        return self
+
+    @property
+    def is_transfer(self) -> bool:
+        """Two-phase transfer training (a backbone with a new head) rather than the CNN trained from scratch."""
+        return self.backbone != "none" or self.backbone_weights != "none"
 
     def block_batch_norm(self, block: int) -> bool:
         return self.batch_norm[block] if isinstance(self.batch_norm, list) else self.batch_norm
@@ -207,13 +279,113 @@ class TrackingParams(_Section):
     run_name: str | None = None
 
 
+def _check_layer_count(value: int | str) -> int | str:
+    if value != "all" and not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"transfer.fine_tune_layers = {value!r}: expected a number of layers (>= 0) or all")
+    return value
+
+
+class TransferParams(_Section):
+    """Two-phase training of a backbone with a new head (model.backbone / model.backbone_weights set).
+
+    Phase 1 trains only the head on the frozen backbone; phase 2 unfreezes the backbone's top
+    `fine_tune_layers` layers (batch-norm layers stay frozen) at a lower learning rate. Each phase has its own
+    early stopping (train.early_stopping) and learning-rate schedule (train.lr_schedule)."""
+
+    head_epochs: Annotated[int, Field(ge=0, le=1000)] | None = None  # phase 1; None: train.epochs
+    # Phase 1 on backbone features computed once per data version (milliseconds per epoch; no augmentation
+    # in phase 1 then). false: phase 1 runs the whole model, with augmentation.
+    cache_features: bool = True
+    fine_tune_layers: Annotated[int | str, AfterValidator(_check_layer_count)] = 20  # phase 2; 0: no phase 2
+    fine_tune_epochs: Annotated[int, Field(ge=0, le=1000)] = 5
+    fine_tune_learning_rate: Annotated[float, Field(gt=0.0, le=1e6)] | None = None  # None: learning_rate x factor
+    fine_tune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+
+
+class PretrainParams(_Section):
+    """Source-task pretraining (tasks/pretrain.py): `overrides` on top of these params make the source run,
+    trained in its own workspace folder and logged in this project's tracking store."""
+
+    overrides: list[str] = [
+        "data.seed=2024", "data.synthetic.images_per_class=300", "tracking.experiment_name=cassava-pretrain",
+    ]
+
+
+class RetrainScheduleParams(_Section):
+    """When `python -m flows.platform` retrains: a cron expression or a fixed interval (not both; neither serves
+    the deployment without a schedule), in a timezone, each run with these overrides on top of params.yaml."""
+
+    cron: str | None = "0 3 * * *"  # minute hour day-of-month month day-of-week
+    interval_seconds: Annotated[float, Field(gt=0)] | None = None
+    timezone: str = "UTC"  # an IANA name, e.g. Europe/Paris: cron times are local to it
+    overrides: list[str] = []  # section.key=value, as -S takes them
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetrainScheduleParams":
+        from datetime import datetime
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from cronsim import CronSim, CronSimError
+
+        if self.cron is not None and self.interval_seconds is not None:
+            raise ValueError("schedule.cron and schedule.interval_seconds are both set: keep one, set the other to null")
+        if self.cron is not None:
+            try:
+                CronSim(self.cron, datetime.now())
+            except CronSimError as error:
+                raise ValueError(f"schedule.cron = {self.cron!r}: not a cron expression ({error}); "
+                                 "expected 'minute hour day-of-month month day-of-week', e.g. '0 3 * * *'") from None
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"schedule.timezone = {self.timezone!r}: not a known time zone "
+                             "(an IANA name such as 'UTC' or 'Europe/Paris')") from None
+        for override in self.overrides:
+            if override.strip().startswith("schedule."):
+                raise ValueError(f"schedule.overrides: {override!r} changes the schedule itself; set it directly")
+        return self
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    transfer: TransferParams = TransferParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
+    pretrain: PretrainParams = PretrainParams()
+    schedule: RetrainScheduleParams = RetrainScheduleParams()
+
+    @model_validator(mode="after")
+    def _backbone_sees_enough_pixels(self) -> "Params":
+        size = self.model.backbone_input_size or self.data.image_size
+        if self.model.backbone in BACKBONE_APPLICATIONS and size < MIN_BACKBONE_IMAGE_SIZE:
+            raise ValueError(
+                f"model.backbone = {self.model.backbone} needs images of at least {MIN_BACKBONE_IMAGE_SIZE} pixels: "
+                f"set data.image_size or model.backbone_input_size (now {size})"
+            )
+        return self
+
+    @property
+    def head_epochs(self) -> int:
+        return self.train.epochs if self.transfer.head_epochs is None else self.transfer.head_epochs
+
+    @property
+    def fine_tune_learning_rate(self) -> float:
+        return self.transfer.fine_tune_learning_rate or self.train.learning_rate * self.transfer.fine_tune_lr_factor
+
+    @model_validator(mode="after")
+    def _scheduled_overrides_valid(self) -> "Params":
+        """A scheduled run's overrides are checked now, not at 3 a.m. when the run starts."""
+        if self.schedule.overrides:
+            tree = self.model_dump()
+            tree["schedule"]["overrides"] = []
+            try:
+                validate_params(apply_overrides(tree, self.schedule.overrides))
+            except ParamsError as error:
+                raise ValueError(f"schedule.overrides: {str(error).removeprefix('invalid params: ')}") from None
+        return self
 
     @model_validator(mode="after")
     def _gate_metric_is_scored(self) -> "Params":
@@ -269,7 +441,9 @@ def _deep_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "int", "dict")))
+    # Union members appear in the location as type tags ("int", "dict[str,...]", "function-after[...]"), not keys.
+    key = ".".join(str(part) for part in error["loc"]
+                   if not (str(part) in ("int", "float") or str(part).startswith(("function-", "dict["))))
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, [str(part) for part in error["loc"][:-1]])
         return f"{key}: unknown key (allowed: {', '.join(allowed)})"
@@ -297,8 +471,40 @@ def validate_params(tree: Mapping[str, Any]) -> Params:
         raise ParamsError("invalid params: " + "; ".join(problems)) from None
 
 
-def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
-    """Read params.yaml (default: the one at the repository root), apply overrides, validate."""
+PROFILES_DIR = "profiles"
+
+
+def profile_overrides(name: str) -> list[str]:
+    """A params profile (`profiles/<name>.yaml`, a partial params tree) as `section.key=value` overrides, in the
+    order -S takes them: so a profile works on every entry, and with `dvc exp run` as -S arguments."""
+    file = code_root() / PROFILES_DIR / f"{name}.yaml"
+    if not file.is_file():
+        known = sorted(path.stem for path in (code_root() / PROFILES_DIR).glob("*.yaml"))
+        raise ParamsError(f"profile {name!r}: no {file.relative_to(code_root())} (profiles: {', '.join(known) or 'none'})")
+    overrides: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            overrides.append(f"{prefix}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}")
+
+    walk("", yaml.safe_load(file.read_text()) or {})
+    return overrides
+
+
+def load_params(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (), profile: str | None = None
+) -> Params:
+    """Read params.yaml (default: the one at the repository root), apply a profile's then the given overrides,
+    validate."""
+    overrides = [*(profile_overrides(profile) if profile else []), *overrides]
+    return validate_params(apply_overrides(read_params_tree(path), overrides))
+
+
+def read_params_tree(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The params file as a tree, not yet validated (a sweep applies each point's overrides to it)."""
     params_file = Path(path) if path else workspace_root() / DEFAULT_PARAMS_FILE
     try:
         tree = yaml.safe_load(params_file.read_text())
@@ -314,7 +520,7 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[
                           "(restore it with `git checkout params.yaml`)")
     if not isinstance(tree, dict):
         raise ParamsError(f"{params_file}: expected a mapping of sections ({', '.join(Params.model_fields)})")
-    return validate_params(apply_overrides(tree, overrides))
+    return tree
 
 
 def _describe_yaml_error(params_file: Path, error: yaml.YAMLError) -> str:

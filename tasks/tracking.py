@@ -117,6 +117,26 @@ def _initialise_store(uri: str) -> None:
     _initialised_stores.add(uri)
 
 
+def allow_concurrent_writers(uri: str) -> None:
+    """Put a SQLite store in write-ahead-log mode, once (the mode is stored in the file), before several
+    processes log into it at once (a sweep's children).
+
+    MLflow already waits up to 20 s for a lock (busy_timeout, per session), which is what keeps concurrent
+    writers from failing with "database is locked" (tests/flows/test_sweep.py: 4 concurrent writers, no
+    error, also without WAL). WAL adds that readers (the parent's queries, the MLflow UI) and the writer no
+    longer block each other, so those waits are shorter and rarer. Other stores: nothing to do.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    connection = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it if needed, tagged as a model-training experiment (also when it was
     created without the tag). With the default store its artifacts go to an absolute folder next to mlflow.db:
@@ -217,7 +237,7 @@ def _short_value(key: str, value: str) -> str:
     if value.startswith("[") and value.endswith("]"):
         items = [item.strip() for item in value[1:-1].split(",") if item.strip()]
         return "-".join(words.get(item.lower(), item) for item in items)
-    if key.endswith(".root") and value not in ("None", ""):
+    if "/" in value:  # a data root, a backbone .keras file: its last part
         return Path(value).name or value
     return words.get(value.lower(), value)
 
@@ -322,10 +342,9 @@ def lineage_tags() -> dict[str, str]:
     for library in TRACKED_LIBRARIES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"{TAG_PREFIX}version.{library}"] = metadata.version(library)
-    trigger, flow_run_id = _trigger()
+    trigger, prefect_ids = _trigger()
     tags[TAG_PREFIX + "trigger"] = trigger
-    if flow_run_id:
-        tags[TAG_PREFIX + "prefect_flow_run_id"] = flow_run_id
+    tags.update({TAG_PREFIX + key: value for key, value in prefect_ids.items()})
     for variable in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         if os.environ.get(variable):
             tags[TAG_PREFIX + variable.lower()] = os.environ[variable]
@@ -339,16 +358,23 @@ def counter_tags(counts: dict[str, int]) -> dict[str, str]:
     return {f"{TAG_PREFIX}data.{name}": str(int(count)) for name, count in counts.items()}
 
 
-def _trigger() -> tuple[str, str | None]:
+def _trigger() -> tuple[str, dict[str, str]]:
+    """What started the run ("schedule": a deployment's schedule, "prefect", "dvc", "cli") and its Prefect ids."""
     # Prefect is only consulted when already imported: the DVC and CLI paths must not pay its import time.
     if "prefect" in sys.modules:
-        from prefect.runtime import flow_run
+        from prefect.context import FlowRunContext
+        from prefect.runtime import deployment, flow_run
 
         if flow_run.id:
-            return "prefect", str(flow_run.id)
+            ids = {"prefect_flow_run_id": str(flow_run.id)}
+            if deployment.id:
+                ids["prefect_deployment_id"] = str(deployment.id)
+            context = FlowRunContext.get()
+            scheduled = bool(context and context.flow_run and context.flow_run.auto_scheduled)
+            return ("schedule" if scheduled else "prefect"), ids
     if os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"):
-        return "dvc", None
-    return "cli", None
+        return "dvc", {}
+    return "cli", {}
 
 
 def read_pointer(pointer_file: Path | None) -> tuple[str | None, list[StageRecord]]:
@@ -708,3 +734,49 @@ def _model_requirements() -> list[str]:
             metadata.version(name)
             names.append(name)
     return names
+
+
+def logged_model_source(model_uri: str) -> tuple[str, dict[str, str]]:
+    """(run id, params) of the run that logged the MLflow model at `model_uri` (runs:/…, models:/…@alias)."""
+    configure_tracking()
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    if not run_id:
+        raise mlflow.exceptions.MlflowException(f"{model_uri} was not logged in a run")
+    return run_id, MlflowClient().get_run(run_id).data.params
+
+
+def load_logged_keras_model(model_uri: str) -> Any:
+    """The Keras model behind an MLflow model URI (e.g. to start a new model from its backbone)."""
+    configure_tracking()
+    return mlflow.keras.load_model(model_uri)
+
+
+def log_summary_run(experiment: str, run_name: str, params: dict[str, str], metrics: dict[str, float],
+                    tags: dict[str, str], files: list[Path], folder: str) -> str:
+    """One finished run holding an experiment flow's result (e.g. a comparison table and plot); its id."""
+    configure_tracking()
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name) as run:
+        mlflow.set_tags({**lineage_tags(), **tags})
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        log_artifacts(run.info.run_id, files, folder)
+    return run.info.run_id
+
+
+def fail_runs_of_flow_run(flow_run_id: str, reason: str) -> list[str]:
+    """End FAILED, with `reason`, the runs of a failed or crashed Prefect flow run that are not ended as such.
+
+    A stage that raised has already ended its run FAILED (or KILLED, if interrupted) with its own reason, which
+    is kept; this catches the rest: a run left RUNNING by a crash, or FINISHED before the flow failed later.
+    """
+    configure_tracking()
+    client = MlflowClient()
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_PREFIX}prefect_flow_run_id` = '{flow_run_id}'")
+    failed = []
+    for run in runs:
+        if run.info.status in ("RUNNING", "FINISHED", "SCHEDULED"):
+            client.set_tag(run.info.run_id, TAG_PREFIX + "failure", reason[:5000])
+            client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+    return failed

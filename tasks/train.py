@@ -299,6 +299,8 @@ class TrainingOutcome:
     model: "keras.Model"
     summary: TrainSummary
     history: list[dict[str, float]]
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. a transfer run's backbone lineage
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def train_classifier(
@@ -317,6 +319,10 @@ def train_classifier(
     from tasks.guards import AppliedGradientNorm, DivergenceGuard
     from tasks.model import build_classifier
 
+    if params.model.is_transfer:  # a backbone: two-phase training (head, then fine-tuning)
+        from tasks.transfer import train_transfer
+
+        return train_transfer(params, prepared, checkpoint_file, backup_dir, on_epoch, progress, train_indices)
     seed_everything(params.train.seed)
     train_images, train_labels = prepared.split("train")
     if train_indices is not None:
@@ -400,7 +406,8 @@ def save_training_outputs(
     np.save(model_dir / "input_example.npy", np.asarray(val_images[:2], dtype=np.float32))
     (model_dir / "model_summary.txt").write_text(model_summary(outcome.model) + "\n")
     with history_file.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        phase = ["phase"] if outcome.history and "phase" in outcome.history[0] else []  # transfer training
+        writer = csv.DictWriter(handle, fieldnames=[*HISTORY_COLUMNS, *phase], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(outcome.history)
     summary_file.write_text(json.dumps(asdict(outcome.summary), indent=2) + "\n")
@@ -430,6 +437,12 @@ def run_train(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): diagnose, train (resuming if a backup of this same
     training exists, in its MLflow run), log per-epoch metrics live, save and log the model. The outputs are
     staged and replace the previous ones only when the run succeeds (tasks/staging.py)."""
+    resume_from = load_progress
+    if params.model.is_transfer:
+        from tasks.transfer import check_backbone_available, load_transfer_progress
+
+        check_backbone_available(params)  # offline ImageNet weights: one line at once, not a failed download later
+        resume_from = load_transfer_progress
     from tasks import layout
     from tasks.staging import staged_outputs
     from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
@@ -438,7 +451,7 @@ def run_train(params: Params, run_id: str | None = None) -> str:
     prepared = PreparedData(root / layout.PREPARED_DIR)
     backup_dir = root / layout.BACKUP_DIR
     fingerprint = training_fingerprint(params, prepared)
-    progress = load_progress(backup_dir, fingerprint) if params.train.resume else None
+    progress = resume_from(backup_dir, fingerprint) if params.train.resume else None
     outputs = [layout.MODEL_DIR, layout.HISTORY_FILE, layout.TRAIN_SUMMARY_FILE, layout.TRAIN_METRICS_FILE,
                layout.INIT_DIAGNOSTICS_FILE, layout.INIT_DIAGNOSTICS_PLOT, layout.TRAIN_POINTER]
     # A killed training's run is found by stage_run (it was marked with this fingerprint), so it continues.
@@ -469,10 +482,10 @@ def run_train(params: Params, run_id: str | None = None) -> str:
             StageRecord(
                 "train",
                 metrics={**{f"train.{key}": value for key, value in outcome.summary.metrics().items()},
-                         "init.variance_ratio": min(verdict.variance_ratio, 1e30)},
+                         "init.variance_ratio": min(verdict.variance_ratio, 1e30), **outcome.metrics},
                 tags={"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
                       "cassava.init_reason": verdict.reason,
-                      "cassava.gradient_flag": "; ".join(outcome.summary.gradient_flags) or "none"},
+                      "cassava.gradient_flag": "; ".join(outcome.summary.gradient_flags) or "none", **outcome.tags},
                 artifacts=[
                     (layout.HISTORY_FILE.as_posix(), "training"),
                     (layout.TRAIN_SUMMARY_FILE.as_posix(), "training"),

@@ -1,12 +1,17 @@
-"""End to end under Prefect (a real temporary Prefect server): one MLflow run that tells the whole story."""
+"""End to end under Prefect (a real private Prefect server): one MLflow run that tells the whole story; data stages
+cached by their inputs; a failed run ends FAILED and notifies."""
 
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import subprocess
+import threading
+import time
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -20,15 +25,16 @@ from tasks.layout import HISTORY_FILE, MODEL_DIR, PREDICTIONS_FILE, PREPARED_DIR
 from tasks.params import code_root, flatten_params, load_params
 from tasks.tracking import code_state, describe_run, dvc_data_version
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]  # a real temporary Prefect server
+pytestmark = [pytest.mark.slow, pytest.mark.server]  # a real private Prefect server
 
 
 @pytest.fixture(scope="module")
 def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+    """The API entries use when no server runs: a private server for these tests (flows.prefect_api)."""
+    from flows.prefect_api import prefect_api
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    with prefect_api() as api:
+        yield api
 
 
 def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
@@ -113,3 +119,87 @@ def test_flow_rejects_bad_params_before_running_anything(workspace: Path, prefec
     with pytest.raises(ParamsError, match="train.optimizer = 'adagrad'"):
         train_pipeline(overrides=["train.optimizer=adagrad"])
     assert not (workspace / "data").exists()
+
+
+def _task_states(flow_run_id: str, expected: int) -> dict[str, str]:
+    """Final state names of a flow run's task runs, by task run name (the server records them from events)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 120
+    while True:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states = {run.name: run.state.name for run in task_runs if run.state and run.state.is_final()}
+        if len(states) >= expected or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
+
+
+def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, prefect_server) -> None:
+    from flows.train_pipeline import train_pipeline
+
+    first = train_pipeline()
+    raw_file = next((workspace / "data" / "raw").rglob("*.png"))
+    raw_written = raw_file.stat().st_mtime_ns
+    state = train_pipeline(return_state=True)
+    second = state.result()
+
+    states = _task_states(str(state.state_details.flow_run_id), expected=4)
+    assert states == {"acquire": "Cached", "prepare": "Cached", "train": "Completed", "evaluate": "Completed"}
+    assert raw_file.stat().st_mtime_ns == raw_written  # acquire really did not run
+    client = MlflowClient()
+    run = client.get_run(second["run_id"])
+    assert second["run_id"] != first["run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["cassava.data_version"] == client.get_run(first["run_id"]).data.tags["cassava.data_version"]
+    assert run.data.tags["cassava.carried_over_from"] == first["run_id"]  # the skipped stages' records come along
+    assert {"data.images_kept", "data.raw_files"} <= set(run.data.metrics)
+
+    (workspace / "data" / "prepare.mlflow.json").unlink()  # an output of prepare is gone: prepare runs again
+    state = train_pipeline(return_state=True)
+    states = _task_states(str(state.state_details.flow_run_id), expected=5)
+    assert (states["prepare"], states["prepare (outputs changed: run again)"]) == ("Cached", "Completed")
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A real HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it."""
+    received: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+def test_a_failed_run_ends_failed_with_the_reason_and_notifies(
+    workspace: Path, prefect_server, webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.train_pipeline import train_pipeline
+
+    url, received = webhook
+    monkeypatch.setenv("CASSAVA_NOTIFY_WEBHOOK", url)
+    (workspace / "photos").mkdir()  # no class folders: bad data, which must fail at once, without retries
+    state = train_pipeline(overrides=["data.source=folder", "data.root=photos"], return_state=True)
+
+    assert state.is_failed()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("cassava-folder")
+    (run,) = client.search_runs([experiment.experiment_id])  # one attempt: bad data is not retried
+    assert run.info.status == "FAILED"
+    assert "acquire: DataError" in run.data.tags["cassava.failure"] and "photos" in run.data.tags["cassava.failure"]
+    deadline = time.monotonic() + 30
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (message,) = received
+    assert message["state"] == "Failed" and message["flow"] == "cassava-train-pipeline"
+    assert message["flow_run_id"] == str(state.state_details.flow_run_id) and "photos" in message["reason"]
