@@ -42,7 +42,8 @@ def ensure_environment() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     print("setup: installing the locked dependencies (first time: a few minutes)", file=sys.stderr)
     run([str(venv_python()), "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}"])
-    run([str(VENV / "bin" / "uv"), "pip", "install", "--python", str(venv_python()), "-r", str(LOCK)])
+    # Compiled once here: uv does not compile by default, and every later process would pay seconds for it.
+    run([str(VENV / "bin" / "uv"), "pip", "install", "--compile-bytecode", "--python", str(venv_python()), "-r", str(LOCK)])
     STAMP.write_text(wanted + "\n")
 
 

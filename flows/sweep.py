@@ -52,7 +52,7 @@ def gate_best_child(run_id: str, params_file: str | None, base_overrides: list[s
     from tasks.layout import PREPARED_DIR
     from tasks.prepared import PreparedData
     from tasks.register import gate_and_register
-    from tasks.tracking import dvc_data_version
+    from tasks.tracking import dvc_data_version, set_run_tags
 
     params = load_params(params_file, base_overrides)
     prepared = PreparedData(workspace_root() / PREPARED_DIR)
@@ -62,6 +62,7 @@ def gate_best_child(run_id: str, params_file: str | None, base_overrides: list[s
         test_images, test_labels, prepared.class_names(), data_version=dvc_data_version(prepared.root),
         top_k=params.evaluate.top_k, batch_size=params.evaluate.batch_size,
     )
+    set_run_tags(run_id, gate.tags())  # the gate returns its decision; the run records it
     return gate.decision.reason
 
 

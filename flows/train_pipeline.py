@@ -1,4 +1,4 @@
-"""The training pipeline as a Prefect flow: acquire → prepare → train → evaluate, one MLflow run.
+"""The training pipeline as a Prefect flow: acquire → prepare → train → evaluate → register, one MLflow run.
 
 Wiring only: each task calls the same `run_<stage>` function that `dvc.yaml` runs through `tasks.cli`, and the
 MLflow run id is handed from task to task explicitly (MLflow's active run is thread-local; Prefect runs tasks
@@ -133,6 +133,7 @@ def train_pipeline(
     run_id, _ = data_stage("prepare", params, run_id, upstream_ran=acquired)
     run_id = run_stage("train", params, run_id)
     run_id = run_stage("evaluate", params, run_id)
+    run_id = run_stage("register", params, run_id)
     metrics = json.loads((workspace_root() / METRICS_FILE).read_text())
     return {"run_id": run_id, "tracking_uri": configure_tracking(), "metrics": metrics}
 

@@ -10,8 +10,9 @@ pieces answer the questions a plain accuracy cannot:
   on sharp vs blurry test images split by the prepared manifest's variance-of-Laplacian `blur_score`;
 * explainability: Grad-CAM heatmaps on the last convolutional block;
 * train/test mismatch: channel statistics and a classifier two-sample test on the model's embeddings;
-* limited data: nested, stratified training subsets for a learning curve over the amount of data;
-* one self-contained HTML report that holds all of it.
+* limited data: nested, stratified training subsets for a learning curve over the amount of data.
+
+The HTML report that holds all of it is written by `tasks.report`.
 
 Images are uint8 arrays N x H x W x 3 throughout, as the prepared data holds them; the model takes them as
 float32 in [0, 255]. TensorFlow, Keras and matplotlib are imported inside the functions that need them, so
@@ -20,9 +21,7 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,19 +43,6 @@ ImageTransform = Callable[[np.ndarray, float], np.ndarray]
 
 SHIFT_DETECTED = "shift detected"
 NO_SHIFT_DETECTED = "no shift detected"
-
-# The standard sections of the HTML report, in reading order (Metrics is always written first).
-REPORT_HEADINGS: tuple[str, ...] = (
-    "Metrics",
-    "Confusion matrix",
-    "Calibration",
-    "Robustness",
-    "Sharp vs blurry",
-    "Most confidently wrong",
-    "Saliency",
-    "Distribution shift",
-    "Learning curve",
-)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -334,22 +320,23 @@ def manifest_blur_scores(manifest_file: Path, split: str = "test") -> np.ndarray
 
 
 def prediction_function(model: "keras.Model", batch_size: int = 128) -> PredictFunction:
-    """A callable uint8 images -> probabilities, batch by batch (no tf.data set-up per call)."""
+    """A callable uint8 images -> probabilities, batch by batch through one compiled function (traced once,
+    whatever the batch sizes: no tf.data set-up or retracing per call)."""
+    from tasks.scoring import KerasPredictor
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return _batched(model, images, batch_size)
-
-    return predict
+    return KerasPredictor(model, batch_size)
 
 
 def embedding_function(model: "keras.Model", layer_name: str = "pool", batch_size: int = 128) -> EmbedFunction:
     """A callable uint8 images -> the output of `layer_name` (spatial outputs are averaged to one vector)."""
     import keras
 
-    embedder = keras.Model(model.inputs, model.get_layer(layer_name).output)
+    from tasks.scoring import KerasPredictor
+
+    embedder = KerasPredictor(keras.Model(model.inputs, model.get_layer(layer_name).output), batch_size)
 
     def embed(images: np.ndarray) -> np.ndarray:
-        features = _batched(embedder, images, batch_size)
+        features = embedder(images)
         return features.reshape(len(features), -1, features.shape[-1]).mean(axis=1)
 
     return embed
@@ -544,118 +531,12 @@ def plot_learning_curve(points: Sequence[Mapping[str, float]], path: Path) -> Pa
     return _save(figure, path)
 
 
-# --------------------------------------------------------------------------------------------- HTML report
-
-TableData = Mapping[str, Any] | Sequence[Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class ReportSection:
-    """One headed section of the HTML report: an optional paragraph, figure and table, in that order.
-
-    `table` is either a mapping (written as a name / value table) or a list of rows (columns in first-seen order).
-    """
-
-    heading: str
-    text: str = ""
-    image: Path | None = None
-    table: TableData | None = None
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { border-bottom: 2px solid #2e7d32; padding-bottom: 0.2em; }
-h2 { color: #2e7d32; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f1f8e9; }
-img { max-width: 100%; border: 1px solid #eee; }
-nav a { margin-right: 1em; }
-"""
-
-_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
-                ".gif": "image/gif"}
-
-
-def write_html_report(
-    path: Path, title: str, metrics: Mapping[str, float], sections: Sequence[ReportSection]
-) -> Path:
-    """Write one self-contained HTML file: a Metrics table, then `sections` in order, images as data URIs.
-
-    Nothing is linked (no external CSS, JavaScript or images), so the file opens anywhere and can be logged
-    to MLflow as a single artifact. All text is HTML-escaped.
-    """
-    all_sections = [ReportSection("Metrics", table=dict(sorted(metrics.items()))), *sections]
-    anchors = [f"section-{number}" for number in range(len(all_sections))]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        "<nav>" + "".join(
-            f'<a href="#{anchor}">{html.escape(section.heading)}</a>' for anchor, section in zip(anchors, all_sections)
-        ) + "</nav>",
-    ]
-    for anchor, section in zip(anchors, all_sections):
-        parts.append(f'<section id="{anchor}"><h2>{html.escape(section.heading)}</h2>')
-        if section.text:
-            parts.extend(f"<p>{html.escape(paragraph)}</p>" for paragraph in section.text.split("\n\n"))
-        if section.image is not None:
-            parts.append(_image_tag(Path(section.image), section.heading))
-        if section.table is not None:
-            parts.append(_table_html(section.table))
-        parts.append("</section>")
-    parts.append("</body></html>\n")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
-
-
-def _image_tag(image: Path, alt: str) -> str:
-    mime = _IMAGE_TYPES.get(image.suffix.lower())
-    if mime is None:
-        raise ValueError(f"{image}: cannot embed a {image.suffix!r} file; use one of {', '.join(_IMAGE_TYPES)}")
-    encoded = base64.b64encode(image.read_bytes()).decode("ascii")
-    return f'<figure><img src="data:{mime};base64,{encoded}" alt="{html.escape(alt)}"></figure>'
-
-
-def _table_html(table: TableData) -> str:
-    if isinstance(table, Mapping):
-        rows: Sequence[Mapping[str, Any]] = [{"name": key, "value": value} for key, value in table.items()]
-    else:
-        rows = table
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_format_value(row.get(column, '')))}</td>" for column in columns) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.4g}"
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return ", ".join(_format_value(item) for item in value)
-    return str(value)
-
-
 # --------------------------------------------------------------------------------------------- internals
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     # Round rather than truncate, or every transform would darken the image by half a level on average.
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
-
-def _batched(model: "keras.Model", images: np.ndarray, batch_size: int) -> np.ndarray:
-    outputs = [
-        np.asarray(model.predict_on_batch(np.asarray(images[start : start + batch_size], dtype=np.float32)))
-        for start in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(outputs)
 
 
 def _subsample(images: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:

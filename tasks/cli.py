@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "prepare": "tasks.data:run_prepare",
     "train": "tasks.train:run_train",
     "evaluate": "tasks.evaluate:run_evaluate",
+    "register": "tasks.register:run_register",
     "pretrain": "tasks.pretrain:run_pretrain",  # source-task pretraining (pipelines/pretrain/dvc.yaml, outside the DAG)
 }
 # What a stage does before its first log line of its own (imports and set-up take seconds to tens of seconds).

@@ -1,69 +1,30 @@
-"""Evaluate stage: test-split metrics, the confusion matrix and learning curves, for MLflow and `dvc plots`."""
+"""Evaluate stage: test-split metrics, the confusion matrix and learning curves, for MLflow and `dvc plots`; the
+failure analysis; and the HTML report with its header and warnings.
+
+It computes and reports; it does not decide. Registration is the next stage (`tasks.register`), which fills the
+report's gate row in. Scoring is shared with that stage through `tasks.scoring`.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks.params import EvaluateParams, Params, workspace_root
-from tasks.prepared import PreparedData, batched_dataset
+from tasks.prepared import PreparedData
+from tasks.scoring import Evaluation, predict_probabilities, score_predictions
 
 if TYPE_CHECKING:
     import keras
 
-    from tasks.analysis import ReportSection
+    from tasks.report import ReportSection
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, float]  # flat, stable names: test_accuracy, test_macro_f1, test_precision.cbb, ...
-    confusion: np.ndarray  # counts, rows = true class, columns = predicted class
-    class_names: list[str]
-    predicted: np.ndarray
-    actual: np.ndarray
-
-
-def score_predictions(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str], top_k: int) -> Evaluation:
-    """Accuracy, macro F1, top-k accuracy, per-class precision/recall/F1, confusion matrix."""
-    from sklearn.metrics import (
-        accuracy_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-        top_k_accuracy_score,
-    )
-
-    class_ids = np.arange(len(class_names))
-    predicted = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=class_ids, zero_division=0
-    )
-    metrics = {
-        "test_accuracy": float(accuracy_score(labels, predicted)),
-        "test_macro_f1": float(f1_score(labels, predicted, labels=class_ids, average="macro", zero_division=0)),
-        f"test_top{top_k}_accuracy": float(
-            top_k_accuracy_score(labels, probabilities, k=min(top_k, len(class_names)), labels=class_ids)
-        ),
-    }
-    for index, name in enumerate(class_names):
-        metrics[f"test_precision.{name}"] = float(precision[index])
-        metrics[f"test_recall.{name}"] = float(recall[index])
-        metrics[f"test_f1.{name}"] = float(f1[index])
-        metrics[f"test_support.{name}"] = float(support[index])
-    return Evaluation(metrics, confusion_matrix(labels, predicted, labels=class_ids), class_names, predicted, labels)
-
-
-def predict_probabilities(model: "keras.Model", images: np.ndarray, batch_size: int) -> np.ndarray:
-    batches = batched_dataset(images, np.zeros(len(images), dtype=np.int32), batch_size, shuffle=False, seed=0)
-    return model.predict(batches.map(lambda image, _: image), verbose=0)
 
 
 def write_reports(evaluation: Evaluation, history_file: Path, reports_dir: Path) -> list[Path]:
@@ -130,7 +91,7 @@ def explain_model(
     rotation and blur robustness, sharp vs blurry, Grad-CAM saliency, train/test distribution shift.
     Returns metrics, report sections and the details written as JSON."""
     from tasks import analysis
-    from tasks.analysis import ReportSection
+    from tasks.report import ReportSection
 
     test_images, test_labels = prepared.split("test")
     names = evaluation.class_names
@@ -147,6 +108,7 @@ def explain_model(
 
     log.info("evaluate: robustness curves (rotation, flip, blur) on %d test images", len(test_labels))
     predict = analysis.prediction_function(model, settings.batch_size)
+    log.info("evaluate: robustness curves (rotation, flip, blur)")
     curves = {
         "rotation (degrees)": analysis.robustness_curve(predict, test_images, test_labels, analysis.rotate_images,
                                                         settings.rotation_angles),
@@ -168,6 +130,7 @@ def explain_model(
     metrics["test_sharp_accuracy"] = sharpness["sharp_accuracy"]
     metrics["test_blurry_accuracy"] = sharpness["blurry_accuracy"]
 
+    log.info("evaluate: Grad-CAM saliency and the train/test shift test")
     sample = analysis.sample_per_class(test_labels, settings.saliency_per_class, settings.seed)
     saliency_png = figures_dir / "saliency.png"
     if sample:
@@ -228,26 +191,32 @@ def limited_data_curve(params: Params, prepared: PreparedData, figures_dir: Path
 
 def run_evaluate(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): score the trained model on the test split, explain it,
-    write the HTML report and log everything."""
+    write the HTML report (its registry-gate row is filled in by the register stage) and log everything."""
     import keras
 
     from tasks import layout
-    from tasks.analysis import ReportSection, write_html_report
+    from tasks.names import SHIFT_VERDICT_TAG
+    from tasks.report import ReportSection, model_warnings, report_header, write_html_report
+    from tasks.scoring import keras_progress_bars_off, majority_baseline
     from tasks.staging import staged_outputs
-    from tasks.tracking import StageRecord, stage_run
+    from tasks.tracking import StageRecord, describe_run, dvc_data_version, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
-    outputs = [layout.REPORTS_DIR / name for name in ("figures", "report.html", "failure_analysis.json",
-                                                      "test_predictions.csv", "metrics.json", "all_metrics.json",
-                                                      "evaluate.mlflow.json")]
-    with staged_outputs(root, "evaluate", outputs) as staged, \
+    outputs = [layout.REPORTS_DIR / "figures", layout.EVALUATION_REPORT, layout.REPORTS_DIR / "failure_analysis.json",
+               layout.PREDICTIONS_FILE, layout.METRICS_FILE, layout.ALL_METRICS_FILE,
+               layout.EVALUATE_POINTER]
+    # No `1/1 ━━━━` bars from predictions made inside libraries (MLflow validating a carried-over model's example).
+    with keras_progress_bars_off(), staged_outputs(root, "evaluate", outputs) as staged, \
             stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
         reports_dir = staged.new / layout.REPORTS_DIR  # swapped in by staged.publish(), on success only
         model = keras.saving.load_model(root / layout.MODEL_DIR / "model.keras")
         test_images, test_labels = prepared.split("test")
+        log.info("evaluate: scoring the model on %d test images", len(test_labels))
         probabilities = predict_probabilities(model, test_images, params.evaluate.batch_size)
         evaluation = score_predictions(probabilities, test_labels, prepared.class_names(), params.evaluate.top_k)
+        baseline = majority_baseline(prepared.split("train")[1], test_labels)
+        evaluation.metrics["test_majority_baseline_accuracy"] = baseline[1]
         written = write_reports(evaluation, root / layout.HISTORY_FILE, reports_dir)
         figures_dir = reports_dir / "figures"
         extra_metrics, sections, details = explain_model(model, prepared, probabilities, evaluation, params.evaluate, figures_dir)
@@ -260,34 +229,35 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
         layout.write_metrics(evaluation.metrics, staged.path(layout.METRICS_FILE), staged.path(layout.ALL_METRICS_FILE))
         details_file = reports_dir / "failure_analysis.json"
         details_file.write_text(json.dumps(details, indent=2, default=float) + "\n")
-        report = write_html_report(
-            reports_dir / "report.html", f"cassava-pipeline evaluation — run {run.run_id}",
-            evaluation.metrics, [ReportSection("Learning curves", "", figures_dir / "learning_curves.png"), *sections],
+
+        summary_file = root / layout.TRAIN_SUMMARY_FILE
+        train_summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+        warnings = model_warnings(
+            evaluation.predicted, evaluation.actual, evaluation.class_names, evaluation.metrics["test_accuracy"],
+            baseline, train_summary, params.train.epochs, details["distribution_shift"],
         )
-        log.info("evaluate: test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images; report %s",
-                 evaluation.metrics["test_accuracy"], evaluation.metrics["test_macro_f1"],
-                 evaluation.metrics["test_expected_calibration_error"], len(test_labels), report)
-        staged_files = [*written, staged.path(layout.ALL_METRICS_FILE), details_file, report,
-                        *figures_dir.glob("*.png")]
+        data_version = dvc_data_version(root / layout.PREPARED_DIR)
+        header = report_header(describe_run(params, data_version), run.run_id, params, data_version,
+                               evaluation.metrics["test_accuracy"], baseline, evaluation.class_names)
+        write_html_report(
+            staged.new / layout.EVALUATION_REPORT, "cassava-pipeline evaluation", evaluation.metrics,
+            [ReportSection("Learning curves", "", figures_dir / "learning_curves.png"), *sections], header, warnings,
+        )
+        for warning in warnings:
+            log.warning("evaluate: warning: %s", warning)
+        log.info("evaluate: test accuracy %.4f (majority-class baseline %.4f), macro F1 %.4f, ECE %.4f on %d images; "
+                 "report %s", evaluation.metrics["test_accuracy"], baseline[1], evaluation.metrics["test_macro_f1"],
+                 evaluation.metrics["test_expected_calibration_error"], len(test_labels), root / layout.EVALUATION_REPORT)
+        # The report goes to the run once the register stage has filled in the gate (reports/report.html).
+        staged_files = [*written, staged.path(layout.ALL_METRICS_FILE), details_file, *figures_dir.glob("*.png")]
         staged.publish()
         artifacts = {(root / layout.REPORTS_DIR / path.relative_to(reports_dir)).resolve() for path in staged_files}
         run.complete(
             StageRecord(
                 "evaluate",
                 metrics=evaluation.metrics,
-                tags={"cassava.shift_verdict": str(details["distribution_shift"]["verdict"])},
+                tags={SHIFT_VERDICT_TAG: str(details["distribution_shift"]["verdict"])},
                 artifacts=sorted((path.relative_to(root.resolve()).as_posix(), "evaluation") for path in artifacts),
             )
         )
-        if params.registry.enabled:
-            from tasks.register import gate_and_register
-            from tasks.tracking import dvc_data_version
-
-            gate = gate_and_register(
-                run.run_id, params.registry.model_name, params.registry.metric, params.registry.minimum,
-                test_images, test_labels, prepared.class_names(),
-                data_version=dvc_data_version(root / layout.PREPARED_DIR),
-                top_k=params.evaluate.top_k, batch_size=params.evaluate.batch_size,
-            )
-            log.info("evaluate: registry gate: %s", gate.decision.reason)
     return run.run_id

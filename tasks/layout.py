@@ -36,6 +36,10 @@ BACKUP_DIR = MODELS_DIR / "backup"  # resumable training state; not a DVC output
 INTERRUPTED_RUN_FILE = MODELS_DIR / "training.run.json"
 INIT_DIAGNOSTICS_FILE = MODELS_DIR / "init_diagnostics.csv"
 INIT_DIAGNOSTICS_PLOT = MODELS_DIR / "init_diagnostics.png"
+EVALUATION_REPORT = REPORTS_DIR / "evaluation.html"  # the evaluate stage's report, the gate row still pending
+REPORT_FILE = REPORTS_DIR / "report.html"  # the same with the registry gate's decision (register stage)
+REGISTRY_FILE = REPORTS_DIR / "registry.json"  # the gate's decision, as data
+REGISTER_POINTER = REPORTS_DIR / "register.mlflow.json"
 
 # The numbers `dvc metrics show` / `dvc exp show` compare (shell-style patterns: top-k follows evaluate.top_k).
 # Everything else is in ALL_METRICS_FILE / TRAIN_SUMMARY_FILE and in the MLflow run: a table of 140 columns

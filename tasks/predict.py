@@ -9,7 +9,7 @@ the `cassava.classes` tag of the run that logged the model.
     python -m tasks.predict photos/ --model runs:/<run id>/model --output photos.csv
 
 Writes `predictions.csv` (file, class, confidence, p_<class>...) and, next to it, `predictions.skipped.csv`
-(file, reason) for files that could not be read; both are replaced atomically, so a failed prediction never
+(file, reason) for files that could not be read and entries that are not files (a folder named `y.jpg`); both are replaced atomically, so a failed prediction never
 leaves half a CSV. Importing this module loads neither TensorFlow nor MLflow: `--help` answers at once.
 """
 
@@ -24,22 +24,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
 import typer
 
-from tasks.errors import UserError, run_command_line
-from tasks.register import CHAMPION_ALIAS, CLASSES_TAG, DEFAULT_MODEL_NAME
+from tasks.errors import run_command_line
+from tasks.names import CHAMPION_ALIAS, DEFAULT_MODEL_NAME
+from tasks.scoring import PredictionError
 
 if TYPE_CHECKING:
-    import numpy as np
     from mlflow.pyfunc import PyFuncModel
 
 log = logging.getLogger("tasks.predict")  # also under `python -m tasks.predict`, where __name__ is __main__
 
 DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION_ALIAS}"
 SKIPPED_COLUMNS = ("file", "reason")
-
-
-class PredictionError(UserError, RuntimeError):
-    """No such model or folder, or the model cannot be used for prediction (no signature, unknown class names);
-    str() says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +66,10 @@ def prediction_columns(class_names: Sequence[str]) -> list[str]:
 
 def load_model(model_uri: str) -> "PyFuncModel":
     """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at."""
-    import mlflow
+    from tasks.scoring import load_pyfunc_model
 
     with _missing_model_is_an_error(model_uri):
-        return mlflow.pyfunc.load_model(model_uri)
+        return load_pyfunc_model(model_uri)
 
 
 @contextlib.contextmanager
@@ -96,56 +91,30 @@ def _missing_model_is_an_error(model_uri: str) -> Iterator[None]:
         ) from None
 
 
-def model_image_size(model: "PyFuncModel") -> int:
-    """S of the model's N x S x S x 3 input, from its signature."""
-    schema = model.metadata.get_input_schema()
-    shape = tuple(schema.inputs[0].shape) if schema and schema.is_tensor_spec() else ()
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] <= 0:
-        raise PredictionError(f"the model's input signature is {shape or 'missing'}: expected (-1, S, S, 3)")
-    return int(shape[1])
+def _folder_entries(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """(files to predict, entries that look like images but are not files), everything under `folder`, sorted.
 
-
-def model_class_names(model: "PyFuncModel") -> tuple[str, list[str]]:
-    """(run id, class names) of the run that logged the model.
-
-    A model's metadata names its run whichever URI loaded it (for `models:/name@alias`, the version's run).
+    A folder named like an image (`y.jpg/`) or a broken link would otherwise vanish without a word; files
+    inside such a folder are still predicted.
     """
-    from mlflow import MlflowClient
+    from tasks.images import IMAGE_SUFFIXES
 
-    run_id = model.metadata.run_id
-    if not run_id:
-        raise PredictionError("the model was not logged in an MLflow run, so its class names are unknown")
-    classes = MlflowClient().get_run(run_id).data.tags.get(CLASSES_TAG)
-    if not classes:
-        raise PredictionError(f"run {run_id} has no {CLASSES_TAG} tag, so the model's class names are unknown")
-    return run_id, classes.split(",")
-
-
-@contextlib.contextmanager
-def _keras_progress_bars_off() -> Iterator[None]:
-    # A Keras pyfunc calls model.predict() with its default progress bar: one bar per batch on stdout.
-    import keras
-
-    enabled = keras.config.is_interactive_logging_enabled()
-    keras.config.disable_interactive_logging()
-    try:
-        yield
-    finally:
-        if enabled:
-            keras.config.enable_interactive_logging()
-
-
-def predict_batches(model: "PyFuncModel", images: "np.ndarray", batch_size: int) -> "np.ndarray":
-    """Class probabilities of N x S x S x 3 images (any numeric dtype, values in [0, 255]), batch by batch,
-    so a memory-mapped split is never loaded whole."""
-    import numpy as np
-
-    outputs = []
-    with _keras_progress_bars_off():
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
-            outputs.append(np.asarray(model.predict(batch)))
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+    files, not_files = [], []
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith("."):
+            continue  # hidden entries (.DS_Store), as preparation skips them
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                not_files.append(SkippedFile(path.relative_to(folder).as_posix(),
+                                             "a folder, not an image file (the files inside it are predicted)"))
+        else:
+            reason = "a broken link" if path.is_symlink() else "not a regular file"
+            not_files.append(SkippedFile(path.relative_to(folder).as_posix(), reason))
+    for skipped in not_files:
+        log.warning("predict: skipped %s: %s", skipped.file, skipped.reason)
+    return files, not_files
 
 
 def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
@@ -173,7 +142,8 @@ def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: i
     """
     import numpy as np
 
-    from tasks.images import UnreadableImage, list_image_files, load_rgb_image
+    from tasks.images import UnreadableImage, load_rgb_image
+    from tasks.scoring import model_class_names, model_image_size, predict_batches
 
     folder, output_csv = Path(folder), Path(output_csv)
     require_folder(folder)
@@ -183,7 +153,9 @@ def predict_folder(model_uri: str, folder: Path, output_csv: Path, batch_size: i
     summary = PredictionSummary(model_uri, run_id, class_names, image_size, output_csv, skipped_csv_for(output_csv))
     # The outputs may be written inside the folder; a second prediction must not read them as images.
     own_files = {summary.output_csv.resolve(), summary.skipped_csv.resolve()}
-    files = [path for path in list_image_files(folder) if path.resolve() not in own_files]
+    files, not_files = _folder_entries(folder)
+    files = [path for path in files if path.resolve() not in own_files]
+    summary.skipped.extend(not_files)
     log.info("predict: %d files in %s, model %s (run %s), %dx%d input", len(files), folder, model_uri, run_id,
              image_size, image_size)
 
@@ -230,8 +202,10 @@ def check_prediction_inputs(folder: Path, model_uri: str) -> None:
     """Before TensorFlow or Prefect load: the folder exists, the tracking store answers, the model exists (its
     metadata only is read)."""
     from tasks.preflight import cap_mlflow_http_retries, check_tracking_store, tracking_uri
+    from tasks.scoring import quiet_model_downloads
 
     require_folder(folder)
+    quiet_model_downloads()
     cap_mlflow_http_retries()
     check_tracking_store(tracking_uri())
     from mlflow.models import get_model_info

@@ -41,6 +41,7 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "prepare": (("data/raw", "acquire"),),
     "train": (("data/prepared", "prepare"),),
     "evaluate": (("data/prepared", "prepare"), ("models/model/model.keras", "train")),
+    "register": (("data/prepared", "prepare"), ("reports/evaluation.html", "evaluate")),
 }
 
 

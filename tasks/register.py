@@ -1,22 +1,40 @@
-"""Registry gate: a run's model enters the MLflow model registry only if it is good enough and beats the champion.
+"""Register stage: a run's model enters the MLflow model registry only if it is good enough and beats the champion.
 
 The rule (`decide`, pure): the candidate's test metric must reach a minimum and be strictly better than the
 champion's (the version holding the `champion` alias) measured on the SAME test split. A tie keeps the
 champion. The champion's metric is the one recorded on its model version when that was measured on the same
 data version (`cassava.data_version`); otherwise the champion model is loaded and re-scored on the current
-test split, so two models are never compared on different data.
+test split, its images resized to the champion's own input size, so two models are never compared on different
+data and a better model trained at a new image size can still win.
 
 A registered candidate becomes a new version tagged with its data version, classes and metric, and takes the
-`champion` alias. Either way the run gets `cassava.gate.decision` (registered | rejected) and
-`cassava.gate.reason`. A rejection is an outcome, not an error: nothing is raised.
+`champion` alias. Either way the run gets `cassava.gate.decision` (registered | rejected | disabled) and
+`cassava.gate.reason` through the stage's record, so a run that carries this stage over holds them too. A
+rejection is an outcome, not an error: nothing is raised.
+
+The stage (`run_register`) runs after evaluate and reads only what evaluate wrote (the run's metrics, the
+report) and the prepared test split: changing `registry.*` re-runs this stage alone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
+
+from tasks.names import (
+    CHAMPION_ALIAS,
+    CLASSES_TAG,
+    DATA_VERSION_TAG,
+    GATE_CHAMPION_METRIC_TAG,
+    GATE_DECISION_TAG,
+    GATE_MODEL_VERSION_TAG,
+    GATE_REASON_TAG,
+    MODEL_ARTIFACT,
+    metric_tag,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,17 +42,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
-log = logging.getLogger(__name__)
+    from tasks.params import Params
 
-DEFAULT_MODEL_NAME = "cassava-classifier"
-CHAMPION_ALIAS = "champion"
-CLASSES_TAG = "cassava.classes"  # comma-separated class names, on pipeline runs (prepare stage) and model versions
-DATA_VERSION_TAG = "cassava.data_version"
-DECISION_TAG = "cassava.gate.decision"
-REASON_TAG = "cassava.gate.reason"
-VERSION_TAG = "cassava.gate.model_version"
-CHAMPION_METRIC_TAG = "cassava.gate.champion_metric"
-MODEL_ARTIFACT = "model"  # the name tracking.log_keras_model logs the model under
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,10 +61,15 @@ class GateResult:
     champion_metric: float | None  # on the candidate's test split (recorded or re-scored)
     registered_version: int | None  # the new version, now champion, when registered
 
-
-def metric_tag(metric_name: str) -> str:
-    """The model-version tag holding the metric measured on the version's data version."""
-    return f"cassava.metric.{metric_name}"
+    def tags(self) -> dict[str, str]:
+        """The run tags that record the decision."""
+        tags = {GATE_DECISION_TAG: "registered" if self.decision.register else "rejected",
+                GATE_REASON_TAG: self.decision.reason}
+        if self.champion_metric is not None:
+            tags[GATE_CHAMPION_METRIC_TAG] = repr(self.champion_metric)
+        if self.registered_version is not None:
+            tags[GATE_MODEL_VERSION_TAG] = str(self.registered_version)
+        return tags
 
 
 def decide(candidate_metric: float, champion_metric: float | None, minimum: float, metric_name: str) -> GateDecision:
@@ -111,56 +126,20 @@ def logged_model_uri(run: "Run") -> str:
     return found[0].model_uri
 
 
-def align_to_classes(
-    probabilities: "np.ndarray", model_classes: Sequence[str], class_names: Sequence[str]
-) -> "np.ndarray":
-    """Probability columns reordered to `class_names`; a class the model does not know gets 0.
-
-    A champion trained on another data version may know other classes, or the same in another order.
-    """
-    import numpy as np
-
-    if list(model_classes) == list(class_names):
-        return probabilities
-    aligned = np.zeros((len(probabilities), len(class_names)), dtype=probabilities.dtype)
-    for column, name in enumerate(class_names):
-        if name in model_classes:
-            aligned[:, column] = probabilities[:, list(model_classes).index(name)]
-    return aligned
-
-
-class IncomparableChampion(ValueError):
-    """The champion cannot be scored on the candidate's test split; str() says why."""
-
 
 def rescore_champion(
     model_name: str, version: str, metric_name: str, test_images: "np.ndarray", test_labels: "np.ndarray",
     class_names: Sequence[str], top_k: int, batch_size: int,
-) -> float:
-    """The `metric_name` of a version of `model_name` on the given test split, scored by the evaluation code."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+) -> tuple[float, int]:
+    """(`metric_name`, input size) of a version of `model_name` on the given test split, its images resized to
+    the version's own input size."""
+    from tasks.scoring import load_pyfunc_model, model_image_size, rescore_model
 
-    from tasks.evaluate import score_predictions
-    from tasks.predict import PredictionError, model_class_names, model_image_size, predict_batches
-
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-    image_size = model_image_size(model)
-    if tuple(test_images.shape[1:]) != (image_size, image_size, 3):
-        # Resizing the prepared arrays again would score it on degraded images, not on the same split.
-        raise IncomparableChampion(
-            f"the champion takes {image_size}x{image_size} images, the test split holds "
-            f"{test_images.shape[1]}x{test_images.shape[2]}"
-        )
-    try:
-        _, model_classes = model_class_names(model)
-    except (PredictionError, MlflowException):  # registered by hand, its run untagged or deleted: same classes
-        model_classes = list(class_names)
-    probabilities = align_to_classes(predict_batches(model, test_images, batch_size), model_classes, class_names)
-    evaluation = score_predictions(probabilities, test_labels, list(class_names), top_k)
+    model = load_pyfunc_model(f"models:/{model_name}/{version}")
+    evaluation = rescore_model(model, test_images, test_labels, class_names, top_k, batch_size)
     if metric_name not in evaluation.metrics:
         raise ValueError(f"metric {metric_name!r} is not one evaluation computes ({', '.join(evaluation.metrics)})")
-    return evaluation.metrics[metric_name]
+    return evaluation.metrics[metric_name], model_image_size(model)
 
 
 def gate_and_register(
@@ -177,7 +156,7 @@ def gate_and_register(
     batch_size: int = 128,
 ) -> GateResult:
     """Gate the run's model "model": register it as a new version of `model_name` and move the champion alias
-    to it when it passes, and tag the run with the decision and its reason either way.
+    to it when it passes. The decision is returned (its `tags()` are for the run), not logged here.
 
     `run_id` must already hold `metric_name` (the evaluate stage's metrics) on the test split given here.
     `data_version` defaults to the run's `cassava.data_version` tag; pass it when the tag is not set yet (inside
@@ -185,6 +164,7 @@ def gate_and_register(
     """
     from mlflow import MlflowClient
 
+    from tasks.scoring import PredictionError
     from tasks.tracking import configure_tracking
 
     configure_tracking()
@@ -197,6 +177,7 @@ def gate_and_register(
     model_uri = logged_model_uri(run)  # before deciding: a run without a model is an error, not a rejection
 
     champion = current_champion(client, model_name)
+    champion_version = int(champion.version) if champion else None
     champion_metric: float | None = None
     context = ""
     if champion is not None:
@@ -206,14 +187,15 @@ def gate_and_register(
             context = f" (champion: version {champion.version})"
         else:
             try:
-                champion_metric = rescore_champion(
+                champion_metric, size = rescore_champion(
                     model_name, champion.version, metric_name, test_images, test_labels, class_names, top_k, batch_size
                 )
-            except IncomparableChampion as why:
+            except PredictionError as why:
                 decision = GateDecision(False, f"cannot compare with champion version {champion.version}: {why}")
-                return _record(client, run_id, decision, candidate_metric, champion, None, None)
-            context = (f" (champion: version {champion.version}, re-scored on data version {data_version or 'unknown'};"
-                       f" it was evaluated on {champion.tags.get(DATA_VERSION_TAG, 'an unknown data version')})")
+                return GateResult(decision, candidate_metric, champion_version, None, None)
+            context = (f" (champion: version {champion.version}, re-scored on data version {data_version or 'unknown'}"
+                       f" at its {size}x{size} input; it was evaluated on "
+                       f"{champion.tags.get(DATA_VERSION_TAG, 'an unknown data version')})")
 
     verdict = decide(candidate_metric, champion_metric, minimum, metric_name)
     decision = GateDecision(verdict.register, verdict.reason + context)
@@ -221,7 +203,9 @@ def gate_and_register(
     if decision.register:
         registered_version = _register_champion(client, model_uri, model_name, data_version, class_names,
                                                 metric_name, candidate_metric)
-    return _record(client, run_id, decision, candidate_metric, champion, champion_metric, registered_version)
+    outcome = f"registered as version {registered_version}" if decision.register else "rejected"
+    log.info("register: %s: %s", outcome, decision.reason)
+    return GateResult(decision, candidate_metric, champion_version, champion_metric, registered_version)
 
 
 def _register_champion(
@@ -240,20 +224,47 @@ def _register_champion(
     return int(version.version)
 
 
-def _record(
-    client: "MlflowClient", run_id: str, decision: GateDecision, candidate_metric: float,
-    champion: "ModelVersion | None", champion_metric: float | None, registered_version: int | None,
-) -> GateResult:
-    """Tag the run with the decision and say it in the log."""
-    from mlflow.entities import RunTag
+def run_register(params: "Params", run_id: str | None = None) -> str:
+    """Stage entry (DVC command and Prefect task): gate the evaluated run's model, record the decision in the
+    run (through the stage's record), in `reports/registry.json`, and in the report's header."""
+    from tasks import layout
+    from tasks.params import workspace_root
+    from tasks.prepared import PreparedData
+    from tasks.report import GATE_ROW, fill_header_row
+    from tasks.staging import staged_outputs
+    from tasks.tracking import StageRecord, dvc_data_version, stage_run
 
-    tags = {DECISION_TAG: "registered" if decision.register else "rejected", REASON_TAG: decision.reason}
-    if champion_metric is not None:
-        tags[CHAMPION_METRIC_TAG] = repr(champion_metric)
-    if registered_version is not None:
-        tags[VERSION_TAG] = str(registered_version)
-    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-    outcome = f"registered as version {registered_version}" if decision.register else "rejected"
-    log.info("gate: %s: %s", outcome, decision.reason)
-    return GateResult(decision, candidate_metric, int(champion.version) if champion else None, champion_metric,
-                      registered_version)
+    root = workspace_root()
+    settings = params.registry
+    outputs = [layout.REPORT_FILE, layout.REGISTRY_FILE, layout.REGISTER_POINTER]
+    with staged_outputs(root, "register", outputs) as staged, \
+            stage_run("register", params, root / layout.EVALUATE_POINTER, root / layout.REGISTER_POINTER, run_id) as run:
+        outcome: dict[str, object] = {"run_id": run.run_id, "model_name": settings.model_name,
+                                      "metric": settings.metric, "minimum": settings.minimum}
+        if settings.enabled:
+            prepared = PreparedData(root / layout.PREPARED_DIR)
+            test_images, test_labels = prepared.split("test")
+            log.info("register: gating the model on %s >= %s against the %s of %s", settings.metric,
+                     settings.minimum, CHAMPION_ALIAS, settings.model_name)
+            result = gate_and_register(
+                run.run_id, settings.model_name, settings.metric, settings.minimum, test_images, test_labels,
+                prepared.class_names(), data_version=dvc_data_version(root / layout.PREPARED_DIR),
+                top_k=params.evaluate.top_k, batch_size=params.evaluate.batch_size,
+            )
+            tags = result.tags()
+            outcome.update({key: value for key, value in asdict(result).items() if key != "decision"})
+        else:
+            tags = {GATE_DECISION_TAG: "disabled", GATE_REASON_TAG: "registry.enabled is false: nothing registered"}
+            log.info("register: %s", tags[GATE_REASON_TAG])
+        outcome.update(decision=tags[GATE_DECISION_TAG], reason=tags[GATE_REASON_TAG])
+        staged.path(layout.REGISTRY_FILE).write_text(json.dumps(outcome, indent=2) + "\n")
+        page = (root / layout.EVALUATION_REPORT).read_text(encoding="utf-8")
+        gate_text = f"{tags[GATE_DECISION_TAG]}: {tags[GATE_REASON_TAG]}"
+        staged.path(layout.REPORT_FILE).write_text(fill_header_row(page, GATE_ROW, gate_text), encoding="utf-8")
+        staged.publish()
+        run.complete(StageRecord(
+            "register",
+            tags=tags,
+            artifacts=[(layout.REPORT_FILE.as_posix(), "evaluation"), (layout.REGISTRY_FILE.as_posix(), "registry")],
+        ))
+    return run.run_id

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from tasks.names import CLASSES_TAG, DATA_VERSION_TAG
 from tasks.params import code_root, tracking_root
 from tasks.tracking import configure_tracking, ensure_experiment, log_keras_model
 
@@ -29,11 +30,11 @@ IMAGE_SIZE = 8
 METRIC = "test_macro_f1"
 
 
-def _grey_level_model(kernel_row: list[float], bias: list[float]) -> "keras.Model":
+def _grey_level_model(kernel_row: list[float], bias: list[float], image_size: int = IMAGE_SIZE) -> "keras.Model":
     """Softmax over (mean grey level x kernel_row + bias): a classifier with hand-set weights."""
     import keras
 
-    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="image")
+    inputs = keras.Input((image_size, image_size, 3), name="image")
     channel_means = keras.layers.GlobalAveragePooling2D()(inputs)
     outputs = keras.layers.Dense(len(bias), activation="softmax", name="probabilities")(channel_means)
     model = keras.Model(inputs, outputs)
@@ -42,27 +43,27 @@ def _grey_level_model(kernel_row: list[float], bias: list[float]) -> "keras.Mode
     return model
 
 
-def oracle_model() -> "keras.Model":
+def oracle_model(image_size: int = IMAGE_SIZE) -> "keras.Model":
     # Logits at grey 0 / 100 / 200: [10, 0, -30] / [-10, 0, -10] / [-30, 0, 10]: always the right class.
-    return _grey_level_model([-0.2, 0.0, 0.2], [10.0, 0.0, -30.0])
+    return _grey_level_model([-0.2, 0.0, 0.2], [10.0, 0.0, -30.0], image_size)
 
 
-def constant_model() -> "keras.Model":
-    return _grey_level_model([0.0, 0.0, 0.0], [5.0, 0.0, 0.0])
+def constant_model(image_size: int = IMAGE_SIZE) -> "keras.Model":
+    return _grey_level_model([0.0, 0.0, 0.0], [5.0, 0.0, 0.0], image_size)
 
 
 def save_model_dir(model: "keras.Model", folder: Path) -> Path:
     """The folder layout `tracking.log_keras_model` reads: model.keras and input_example.npy."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / "model.keras")
-    np.save(folder / "input_example.npy", grey_test_split()[0][:2].astype(np.float32))
+    np.save(folder / "input_example.npy", grey_test_split(model.input_shape[1])[0][:2].astype(np.float32))
     return folder
 
 
 def log_model_run(model_dir: Path, experiment_id: str, metric: float, data_version: str) -> str:
     """A finished run as the evaluate stage leaves it: model "model", test metric, data version and classes."""
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.set_tags({"cassava.data_version": data_version, "cassava.classes": ",".join(CLASS_NAMES)})
+        mlflow.set_tags({DATA_VERSION_TAG: data_version, CLASSES_TAG: ",".join(CLASS_NAMES)})
         mlflow.log_metric(METRIC, metric)
         log_keras_model(model_dir)
     return run.info.run_id

@@ -58,7 +58,7 @@ def _lock_md5(project: Path, stage: str, path: str) -> str:
 
 def test_repro_runs_everything_into_one_run_then_is_a_no_op(project: Path) -> None:
     output = _dvc("repro", cwd=project)
-    for stage in ("acquire", "prepare", "train", "evaluate"):
+    for stage in ("acquire", "prepare", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in output
     (run,) = _runs(project)
     assert run.info.status == "FINISHED"
@@ -88,6 +88,8 @@ def test_an_evaluation_param_reruns_only_evaluation_and_the_new_run_tells_the_wh
     assert latest.data.tags["cassava.train_run_id"] == trained.info.run_id
     assert latest.data.tags["cassava.carried_over_from"] == trained.info.run_id
     assert "test_top3_accuracy" in latest.data.metrics
+    assert "Running stage 'register'" in output  # evaluate's new run is gated too, in that same run
+    assert latest.data.tags["cassava.stage.register"] == "done" and "cassava.gate.decision" in latest.data.tags
     assert latest.data.metrics["train.best_epoch"] == trained.data.metrics["train.best_epoch"]
     history = MlflowClient().get_metric_history(latest.info.run_id, "val_loss")
     assert len(history) == trained.data.metrics["train.epochs_run"]
@@ -99,6 +101,29 @@ def test_an_evaluation_param_reruns_only_evaluation_and_the_new_run_tells_the_wh
     trained_model = mlflow.pyfunc.load_model(f"runs:/{trained.info.run_id}/model").predict(example)
     assert carried.shape == (len(example), 5)
     assert np.array_equal(carried, trained_model)
+
+
+def test_a_registry_param_reruns_only_register_and_the_new_run_holds_evaluation_and_gate(project: Path) -> None:
+    evaluated = _runs(project)[-1]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["registry"]["minimum"] = 1.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = _dvc("repro", cwd=project)
+    assert "Running stage 'register'" in output
+    assert not any(f"Running stage '{stage}'" in output for stage in ("acquire", "prepare", "train", "evaluate"))
+    latest = _runs(project)[-1]
+    assert latest.info.run_id != evaluated.info.run_id  # new params: a new run, the stages before carried over
+    assert latest.data.tags["cassava.evaluate_run_id"] == evaluated.info.run_id
+    macro_f1 = evaluated.data.metrics["test_macro_f1"]
+    assert latest.data.metrics["test_macro_f1"] == macro_f1
+    assert latest.data.metrics["test_top3_accuracy"] == evaluated.data.metrics["test_top3_accuracy"]
+    assert latest.data.tags["cassava.gate.decision"] == "rejected"
+    assert latest.data.tags["cassava.gate.reason"] == f"test_macro_f1 {macro_f1:.4f} is below the minimum 1.0000"
+    registry = json.loads((project / "reports" / "registry.json").read_text())
+    assert (registry["decision"], registry["run_id"]) == ("rejected", latest.info.run_id)
+    assert f"rejected: test_macro_f1 {macro_f1:.4f} is below the minimum 1.0000" in (
+        project / "reports" / "report.html").read_text()
 
 
 def test_plots_render(project: Path) -> None:

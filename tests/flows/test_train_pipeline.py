@@ -64,8 +64,11 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
         ["git", "rev-parse", "HEAD"], cwd=code_root(), capture_output=True, text=True, check=True).stdout.strip()
     assert tags["cassava.version.tensorflow-cpu"] == metadata.version("tensorflow-cpu")
     assert tags["cassava.version.keras"] == metadata.version("keras")
-    for stage in ("acquire", "prepare", "train", "evaluate"):
+    for stage in ("acquire", "prepare", "train", "evaluate", "register"):
         assert tags[f"cassava.stage.{stage}"] == "done"
+    registry = json.loads((workspace / "reports/registry.json").read_text())
+    assert (tags["cassava.gate.decision"], tags["cassava.gate.reason"]) == (registry["decision"], registry["reason"])
+    assert registry["decision"] == ("registered" if run.data.metrics["test_macro_f1"] >= 0.3 else "rejected")
 
     metrics = run.data.metrics
     reported = json.loads((workspace / "reports/metrics.json").read_text())
@@ -145,8 +148,9 @@ def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, p
     state = train_pipeline(return_state=True)
     second = state.result()
 
-    states = _task_states(str(state.state_details.flow_run_id), expected=4)
-    assert states == {"acquire": "Cached", "prepare": "Cached", "train": "Completed", "evaluate": "Completed"}
+    states = _task_states(str(state.state_details.flow_run_id), expected=5)
+    assert states == {"acquire": "Cached", "prepare": "Cached", "train": "Completed", "evaluate": "Completed",
+                      "register": "Completed"}
     assert raw_file.stat().st_mtime_ns == raw_written  # acquire really did not run
     client = MlflowClient()
     run = client.get_run(second["run_id"])
@@ -157,7 +161,7 @@ def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, p
 
     (workspace / "data" / "prepare.mlflow.json").unlink()  # an output of prepare is gone: prepare runs again
     state = train_pipeline(return_state=True)
-    states = _task_states(str(state.state_details.flow_run_id), expected=5)
+    states = _task_states(str(state.state_details.flow_run_id), expected=6)
     assert (states["prepare"], states["prepare (outputs changed: run again)"]) == ("Cached", "Completed")
 
 

@@ -13,9 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from tasks.analysis import (
     NO_SHIFT_DETECTED,
-    REPORT_HEADINGS,
     SHIFT_DETECTED,
-    ReportSection,
     accuracy_by_sharpness,
     blur_images,
     confidently_wrong_indices,
@@ -40,9 +38,9 @@ from tasks.analysis import (
     row_normalised_confusion,
     sample_per_class,
     saliency_maps,
-    write_html_report,
 )
 from tasks.images import blur_score
+from tasks.report import REPORT_HEADINGS, ReportSection, write_html_report
 
 PNG_MAGIC = b"\x89PNG"
 

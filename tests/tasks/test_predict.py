@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from tasks.errors import run_entry
 from tasks.predict import app, predict_folder
-from tasks.register import CHAMPION_ALIAS
+from tasks.names import CHAMPION_ALIAS
 from tests.helpers import (
     CLASS_LEVELS,
     CLASS_NAMES,
@@ -112,6 +112,24 @@ def test_predicts_readable_files_and_lists_unreadable_ones(champion: Champion, t
 
 
 @pytest.mark.slow
+def test_entries_that_are_not_image_files_are_listed_with_their_reason(champion: Champion, tmp_path: Path) -> None:
+    leaves = tmp_path / "leaves"
+    (leaves / "y.jpg").mkdir(parents=True)  # a folder named like a photo
+    Image.new("RGB", (12, 12), (CLASS_LEVELS[2],) * 3).save(leaves / "y.jpg" / "inside.png")
+    (leaves / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # a link whose photo was deleted
+    Image.new("RGB", (12, 12), (CLASS_LEVELS[0],) * 3).save(leaves / "a.png")
+
+    summary = predict_folder(f"runs:/{champion.run_id}/model", leaves, tmp_path / "predictions.csv")
+
+    assert {row["file"]: row["class"] for row in _read_csv(tmp_path / "predictions.csv")} == {
+        "a.png": "cbb", "y.jpg/inside.png": "healthy"}
+    assert {row["file"]: row["reason"] for row in _read_csv(summary.skipped_csv)} == {
+        "y.jpg": "a folder, not an image file (the files inside it are predicted)",
+        "gone.jpg": "a broken link",
+    }
+
+
+@pytest.mark.slow
 def test_command_line_with_a_run_model_uri(champion: Champion, tmp_path: Path) -> None:
     write_leaf_folder(tmp_path / "leaves")
     output = tmp_path / "leaves" / "predictions.csv"  # inside the folder: a second run must not read it as an image
@@ -122,6 +140,7 @@ def test_command_line_with_a_run_model_uri(champion: Champion, tmp_path: Path) -
         )
         assert result.exit_code == 0, result.output
     assert "predicted 4 images" in result.output and "skipped 3 unreadable files" in result.output
+    assert "━" not in result.output and "Downloading artifacts" not in result.output  # no Keras or MLflow bars
     assert len(_read_csv(output)) == 4 and len(_read_csv(tmp_path / "leaves" / "predictions.skipped.csv")) == 3
 
 

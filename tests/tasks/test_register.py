@@ -1,8 +1,9 @@
 """The registry gate against a real SQLite MLflow store, with tiny real Keras models whose answers are known.
 
 Two hand-weighted models stand in for trained ones: the "oracle" reads the class off the image's grey level
-(always right on `grey_test_split()`), the "constant" always answers the first class (macro F1 1/6 there). The
-helpers here are shared with the prediction tests.
+(always right on `grey_test_split()`, at any image size), the "constant" always answers the first class (macro
+F1 1/6 there). The gate returns its decision; the register stage logs `GateResult.tags()` into the run (that
+path is tested end to end in tests/tasks/test_evaluate.py and tests/test_dvc_pipeline.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Iterator
 import pytest
 from mlflow import MlflowClient
 
-from tasks.register import CHAMPION_ALIAS, GateDecision, decide, gate_and_register, metric_tag
+from tasks.names import (
+    CHAMPION_ALIAS,
+    CLASSES_TAG,
+    DATA_VERSION_TAG,
+    GATE_CHAMPION_METRIC_TAG,
+    GATE_DECISION_TAG,
+    GATE_REASON_TAG,
+    metric_tag,
+)
+from tasks.register import GateDecision, GateResult, decide, gate_and_register
 from tests.helpers import (
     CLASS_NAMES,
     IMAGE_SIZE,
@@ -60,6 +70,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             "constant": log_model_run(constant_dir, experiment_id, 0.8, "v1"),  # v1: a split where it looked good
             "oracle": log_model_run(oracle_dir, experiment_id, 0.9, "v1"),
             "oracle_v2": log_model_run(oracle_dir, experiment_id, 0.7, "v2"),
+            # v3: the same images prepared at 16x16; the models trained on it take 16x16 inputs
+            "oracle_16px": log_model_run(save_model_dir(oracle_model(16), root / "oracle16"), experiment_id, 0.7, "v3"),
+            "constant_16px": log_model_run(save_model_dir(constant_model(16), root / "constant16"), experiment_id,
+                                           0.5, "v3"),
         }
 
 
@@ -72,9 +86,9 @@ def _champion_version(model_name: str) -> int:
     return int(MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS).version)
 
 
-def _gate_tags(run_id: str) -> tuple[str, str]:
-    tags = MlflowClient().get_run(run_id).data.tags
-    return tags["cassava.gate.decision"], tags["cassava.gate.reason"]
+def _gate_tags(result: GateResult) -> tuple[str, str]:
+    tags = result.tags()
+    return tags[GATE_DECISION_TAG], tags[GATE_REASON_TAG]
 
 
 @pytest.mark.slow
@@ -84,10 +98,10 @@ def test_first_model_is_registered_and_becomes_champion(runs: dict[str, str]) ->
     assert _champion_version("first") == 1
     version = MlflowClient().get_model_version("first", "1")
     assert version.run_id == runs["constant"]
-    assert version.tags["cassava.data_version"] == "v1"
+    assert version.tags[DATA_VERSION_TAG] == "v1"
     assert float(version.tags[metric_tag(METRIC)]) == pytest.approx(0.8)
-    assert version.tags["cassava.classes"] == "cbb,cmd,healthy"
-    assert _gate_tags(runs["constant"]) == (
+    assert version.tags[CLASSES_TAG] == "cbb,cmd,healthy"
+    assert _gate_tags(result) == (
         "registered", "test_macro_f1 0.8000 reaches the minimum 0.3000; no champion yet"
     )
 
@@ -98,7 +112,7 @@ def test_better_model_is_registered_and_takes_the_alias(runs: dict[str, str]) ->
     result = _gate(runs["oracle"], "better")
     assert result.decision.register and result.registered_version == 2 and result.champion_version == 1
     assert _champion_version("better") == 2
-    decision, reason = _gate_tags(runs["oracle"])
+    decision, reason = _gate_tags(result)
     assert decision == "registered"
     assert reason == "test_macro_f1 0.9000 beats the champion's 0.8000 (champion: version 1)"
 
@@ -110,7 +124,7 @@ def test_worse_model_is_rejected_and_the_alias_stays(runs: dict[str, str]) -> No
     assert not result.decision.register and result.registered_version is None
     assert _champion_version("worse") == 1
     assert [version.version for version in MlflowClient().search_model_versions("name = 'worse'")] == [1]
-    decision, reason = _gate_tags(runs["constant"])
+    decision, reason = _gate_tags(result)
     assert decision == "rejected"
     assert reason == "test_macro_f1 0.8000 does not beat the champion's 0.9000 (champion: version 1)"
 
@@ -119,7 +133,7 @@ def test_worse_model_is_rejected_and_the_alias_stays(runs: dict[str, str]) -> No
 def test_model_below_the_minimum_is_rejected_and_not_registered(runs: dict[str, str]) -> None:
     result = _gate(runs["oracle"], "strict", minimum=0.95)
     assert not result.decision.register
-    assert _gate_tags(runs["oracle"]) == ("rejected", "test_macro_f1 0.9000 is below the minimum 0.9500")
+    assert _gate_tags(result) == ("rejected", "test_macro_f1 0.9000 is below the minimum 0.9500")
     assert MlflowClient().search_registered_models("name = 'strict'") == []
 
 
@@ -129,17 +143,29 @@ def test_champion_of_another_data_version_is_rescored_on_the_candidates_split(ru
     result = _gate(runs["oracle_v2"], "rescored")  # 0.7 < 0.8 recorded, but > 1/6 on the same split
     assert result.decision.register and _champion_version("rescored") == 2
     assert result.champion_metric == pytest.approx(1 / 6)
-    decision, reason = _gate_tags(runs["oracle_v2"])
+    decision, reason = _gate_tags(result)
     assert decision == "registered"
-    assert reason.startswith("test_macro_f1 0.7000 beats the champion's 0.1667 (champion: version 1, re-scored")
-    assert MlflowClient().get_run(runs["oracle_v2"]).data.tags["cassava.gate.champion_metric"].startswith("0.1666")
+    assert reason == ("test_macro_f1 0.7000 beats the champion's 0.1667 (champion: version 1, re-scored on data "
+                      "version v2 at its 8x8 input; it was evaluated on v1)")
+    assert result.tags()[GATE_CHAMPION_METRIC_TAG].startswith("0.1666")
 
 
 @pytest.mark.slow
-def test_champion_that_cannot_take_the_test_images_is_not_replaced(runs: dict[str, str]) -> None:
-    _gate(runs["constant"], "resized")
-    result = _gate(runs["oracle_v2"], "resized", image_size=16)  # the new data version is 16x16
-    assert not result.decision.register and _champion_version("resized") == 1
-    assert _gate_tags(runs["oracle_v2"]) == (
-        "rejected", "cannot compare with champion version 1: the champion takes 8x8 images, the test split holds 16x16"
-    )
+def test_a_better_model_at_a_new_image_size_beats_the_champion_scored_at_its_own_size(runs: dict[str, str]) -> None:
+    _gate(runs["constant"], "resized")  # 8x8 inputs, 0.8 recorded on v1
+    result = _gate(runs["oracle_16px"], "resized", image_size=16)  # the v3 test split holds 16x16 images
+    # The champion saw the same 16x16 test images resized to its 8x8 input: uniform grey stays grey, so it
+    # still answers cbb everywhere (macro F1 1/6); the oracle at 16x16 wins.
+    assert result.decision.register and _champion_version("resized") == 2
+    assert result.champion_metric == pytest.approx(1 / 6)
+    assert "re-scored on data version v3 at its 8x8 input" in result.decision.reason
+
+
+@pytest.mark.slow
+def test_a_worse_model_at_a_new_image_size_loses_to_the_champion_scored_at_its_own_size(runs: dict[str, str]) -> None:
+    _gate(runs["oracle"], "kept")  # 8x8 inputs
+    result = _gate(runs["constant_16px"], "kept", image_size=16)
+    assert not result.decision.register and _champion_version("kept") == 1
+    assert result.champion_metric == pytest.approx(1.0)  # right on every resized image
+    assert _gate_tags(result)[1].startswith("test_macro_f1 0.5000 does not beat the champion's 1.0000 (champion: "
+                                            "version 1, re-scored on data version v3 at its 8x8 input")
