@@ -171,7 +171,7 @@ def where_to_look(result: dict[str, Any]) -> str:
             "report:          reports/report.html   (figures: reports/figures/, metrics: reports/metrics.json)",
             f"open the UI:     .venv/bin/mlflow ui --backend-store-uri {result['tracking_uri']} --host 127.0.0.1 "
             "--port 5000",
-            "                 then http://127.0.0.1:5000 → Experiments → cassava-* → 'Model training' runs",
+            "                 then http://127.0.0.1:5000 → experiment cassava-* (opens on its runs table)",
         ]
     )
 

@@ -340,7 +340,7 @@ def run_acquire(params: Params, run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): acquire the source into data/raw, log its report."""
     from tasks.layout import ACQUIRE_POINTER, RAW_DIR
     from tasks.staging import staged_outputs
-    from tasks.tracking import StageRecord, stage_run
+    from tasks.tracking import StageRecord, counter_tags, stage_run
 
     root = workspace_root()
     with staged_outputs(root, "acquire", [RAW_DIR, ACQUIRE_POINTER]) as staged, \
@@ -352,8 +352,8 @@ def run_acquire(params: Params, run_id: str | None = None) -> str:
         run.complete(
             StageRecord(
                 "acquire",
-                metrics={"data.raw_files": float(sum(report.files_per_class.values())),
-                         "data.acquire_skipped": float(len(report.skipped))},
+                tags=counter_tags({"raw_files": sum(report.files_per_class.values()),
+                                   "acquire_skipped": len(report.skipped)}),
                 artifacts=[((RAW_DIR / ACQUIRE_REPORT_NAME).as_posix(), "data")],
             )
         )
@@ -364,7 +364,7 @@ def run_prepare(params: Params, run_id: str | None = None) -> str:
     """Stage entry: validate and split data/raw into data/prepared, log the data report."""
     from tasks.layout import ACQUIRE_POINTER, PREPARE_POINTER, PREPARED_DIR, RAW_DIR
     from tasks.staging import staged_outputs
-    from tasks.tracking import StageRecord, stage_run
+    from tasks.tracking import StageRecord, counter_tags, stage_run
 
     root = workspace_root()
     with staged_outputs(root, "prepare", [PREPARED_DIR, PREPARE_POINTER]) as staged, \
@@ -378,13 +378,15 @@ def run_prepare(params: Params, run_id: str | None = None) -> str:
         run.complete(
             StageRecord(
                 "prepare",
-                metrics={
-                    "data.images_kept": float(report.images_kept),
-                    "data.skipped": float(len(report.skipped)),
-                    "data.duplicates": float(len(report.duplicates)),
-                    **{f"data.{split}_images": float(sum(c.values())) for split, c in report.split_counts.items()},
+                tags={
+                    "cassava.classes": ",".join(report.classes),
+                    **counter_tags({
+                        "images_kept": report.images_kept,
+                        "skipped": len(report.skipped),
+                        "duplicates": len(report.duplicates),
+                        **{f"{split}_images": sum(c.values()) for split, c in report.split_counts.items()},
+                    }),
                 },
-                tags={"cassava.classes": ",".join(report.classes)},
                 artifacts=[(layout.report_file.as_posix(), "data"), (layout.manifest_file.as_posix(), "data")],
             )
         )

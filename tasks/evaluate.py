@@ -36,9 +36,11 @@ def write_reports(evaluation: Evaluation, history_file: Path, reports_dir: Path)
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    from tasks.layout import write_metrics
+
     reports_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = reports_dir / "metrics.json"
-    metrics_file.write_text(json.dumps(evaluation.metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(evaluation.metrics, metrics_file, reports_dir / "all_metrics.json")
 
     predictions_file = reports_dir / "test_predictions.csv"
     with predictions_file.open("w", newline="") as handle:
@@ -202,7 +204,8 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
     outputs = [layout.REPORTS_DIR / "figures", layout.EVALUATION_REPORT, layout.REPORTS_DIR / "failure_analysis.json",
-               layout.PREDICTIONS_FILE, layout.METRICS_FILE, layout.EVALUATE_POINTER]
+               layout.PREDICTIONS_FILE, layout.METRICS_FILE, layout.ALL_METRICS_FILE,
+               layout.EVALUATE_POINTER]
     # No `1/1 ━━━━` bars from predictions made inside libraries (MLflow validating a carried-over model's example).
     with keras_progress_bars_off(), staged_outputs(root, "evaluate", outputs) as staged, \
             stage_run("evaluate", params, root / layout.TRAIN_POINTER, root / layout.EVALUATE_POINTER, run_id) as run:
@@ -223,7 +226,7 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
             sections.append(ReportSection("Learning curve", "Test accuracy against the amount of training data.",
                                           curve_png, points))
             details["learning_curve"] = points
-        (reports_dir / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=2, sort_keys=True) + "\n")
+        layout.write_metrics(evaluation.metrics, staged.path(layout.METRICS_FILE), staged.path(layout.ALL_METRICS_FILE))
         details_file = reports_dir / "failure_analysis.json"
         details_file.write_text(json.dumps(details, indent=2, default=float) + "\n")
 
@@ -246,7 +249,7 @@ def run_evaluate(params: Params, run_id: str | None = None) -> str:
                  "report %s", evaluation.metrics["test_accuracy"], baseline[1], evaluation.metrics["test_macro_f1"],
                  evaluation.metrics["test_expected_calibration_error"], len(test_labels), root / layout.EVALUATION_REPORT)
         # The report goes to the run once the register stage has filled in the gate (reports/report.html).
-        staged_files = [*written, details_file, *figures_dir.glob("*.png")]
+        staged_files = [*written, staged.path(layout.ALL_METRICS_FILE), details_file, *figures_dir.glob("*.png")]
         staged.publish()
         artifacts = {(root / layout.REPORTS_DIR / path.relative_to(reports_dir)).resolve() for path in staged_files}
         run.complete(

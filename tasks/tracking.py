@@ -5,7 +5,12 @@ Every stage works inside `stage_run(...)`. It finds the execution's run: the run
 stage). That run is resumed when it is finished, has the same params and lacks this stage; otherwise
 (say `dvc repro` re-runs only evaluation) a new run is started and the upstream stages' records, which
 the pointer files carry, are logged into it again from their recorded outputs, with a link to the run
-they came from. So whichever way the pipeline ran, one run tells the whole story.
+they came from. So whichever way the pipeline ran, one run tells the whole story. A training killed outright
+(`kill -9`) leaves a marker naming its run: the next execution with the same params continues that run, and
+every epoch is logged in it exactly once (`EpochLog`).
+
+Runs are named after the params that differ from the defaults (`bn=off sgd lr=0.01`), unique within their
+experiment; experiments are tagged as model-training experiments so MLflow's UI opens on their runs table.
 
 A stage's results are described by a `StageRecord` (metrics, tags, artifacts, per-epoch series, model);
 the same record is logged when the stage runs and when a later run carries it over.
@@ -15,18 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import mlflow
 from mlflow import MlflowClient
@@ -35,6 +44,10 @@ from mlflow.entities import Metric, RunStatus
 from tasks.params import Params, code_root, flatten_params, tracking_root, workspace_root
 
 TAG_PREFIX = "cassava."
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag names another kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EPOCH_MARKER = "loss"  # a per-epoch metric every training logs: its steps are the epochs a run holds
 TRACKED_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "prefect", "dvc", "scikit-learn", "numpy")
 
 
@@ -79,7 +92,29 @@ def configure_tracking() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, else at the SQLite store at the repository root (absolute path)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)  # (MLflow also exports it as MLFLOW_TRACKING_URI to child processes)
+    _initialise_store(uri)
     return uri
+
+
+_initialised_stores: set[str] = set()
+
+
+def _initialise_store(uri: str) -> None:
+    """Create or migrate a SQLite store under a file lock, once per process.
+
+    MLflow creates its tables on first use without a lock: several processes starting together on a
+    brand-new store race through the migrations (`No such constraint: 'uq_experiments_name'`). Here the
+    first one migrates while the others wait, and then find every table in place.
+    """
+    if uri in _initialised_stores or not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+
+    # In the temporary folder, keyed by the store's path (as MLflow's own init lock): no clutter next to it.
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"cassava-mlflow-init-{digest}.lock"):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates/migrates if needed
+    _initialised_stores.add(uri)
 
 
 def allow_concurrent_writers(uri: str) -> None:
@@ -103,37 +138,134 @@ def allow_concurrent_writers(uri: str) -> None:
 
 
 def ensure_experiment(name: str) -> str:
-    """The experiment's id, creating it if needed. With the default store its artifacts go to an absolute
-    folder next to mlflow.db: MLflow's default, ./mlruns under the working directory, would put a queued
-    experiment's artifacts in DVC's temporary copy and lose them with it."""
+    """The experiment's id, creating it if needed, tagged as a model-training experiment (also when it was
+    created without the tag). With the default store its artifacts go to an absolute folder next to mlflow.db:
+    MLflow's default, ./mlruns under the working directory, would put a queued experiment's artifacts in
+    DVC's temporary copy and lose them with it. Safe when several processes create it at once."""
     client = MlflowClient()
-    existing = client.get_experiment_by_name(name)
-    if existing:
-        return existing.experiment_id
     artifact_location = None
     if mlflow.get_tracking_uri() == default_tracking_uri():
         artifact_location = (tracking_root() / "mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:
-        # Another stage process created it in the meantime.
-        return client.get_experiment_by_name(name).experiment_id
+    for attempt in range(5):
+        existing = client.get_experiment_by_name(name)
+        if existing:
+            if existing.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return existing.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:
+            # Most likely another process created it in the meantime (unique name): look again.
+            time.sleep(0.2 * (attempt + 1))
+    raise mlflow.exceptions.MlflowException(f"could not create or find the MLflow experiment {name!r}")
 
 
 def experiment_name(params: Params) -> str:
     return params.tracking.experiment_name or f"cassava-{params.data.source}"
 
 
+# ------------------------------------------------------------------------------------------- run names
+
+# Flat param key -> its label in run names ("" = the value alone), in the order parts appear; params not
+# listed here are named by their last key (or section.key where that is ambiguous), after these.
+RUN_NAME_LABELS: dict[str, str] = {
+    "model.conv_filters": "cnn",
+    "model.batch_norm": "bn",
+    "model.dropout": "do",
+    "model.head_dropout": "head_do",
+    "model.l2": "l2",
+    "model.initializer": "",
+    "train.optimizer": "",
+    "train.learning_rate": "lr",
+    "train.lr_schedule": "sched",
+    "train.epochs": "ep",
+    "train.batch_size": "bs",
+    "train.class_weight": "cw",
+    "data.image_size": "img",
+}
+# Never in a name: the experiment (one per data source) already says these.
+UNNAMED_PARAMS = ("data.source", "tracking.experiment_name", "tracking.run_name")
+DEFAULT_RUN_NAME = "defaults"  # every param at its default
+MAX_NAMED_PARAMS_LENGTH = 90
+
+
 def describe_run(params: Params, data_version: str | None) -> str:
-    """A run name that says what differs: model, optimizer, learning rate, data version."""
+    """A run name that says what differs: the params that differ from the defaults, abbreviated
+    (`bn=off sgd lr=0.01 ep=15`), and the data version's first 8 characters (`data=2365d17f`).
+
+    The defaults are the schema's (tasks/params.py, which the committed params.yaml mirrors), not the
+    params.yaml of the moment: `dvc exp run -S` rewrites params.yaml itself, so a name against it would
+    say nothing, and the same params always get the same name whatever the checkout.
+    """
     if params.tracking.run_name:
         return params.tracking.run_name
-    architecture = "cnn" + "-".join(str(filters) for filters in params.model.conv_filters)
-    if params.model.is_transfer:  # e.g. mobilenet_v2-transfer, cnn-transfer (a pretrained run's CNN)
-        backbone = Path(params.model.backbone).stem if params.model.backbone.endswith(".keras") else params.model.backbone
-        architecture = f"{'cnn' if backbone == 'none' else backbone}-transfer"
-    data_tag = data_version[:8] if data_version else "nodata"
-    return f"{architecture}-{params.train.optimizer}-lr{params.train.learning_rate:g}-{data_tag}"
+    flat, defaults = flatten_params(params), _default_params()
+    differing = [key for key in flat if flat[key] != defaults.get(key) and key not in UNNAMED_PARAMS]
+    differing.sort(key=lambda key: list(RUN_NAME_LABELS).index(key) if key in RUN_NAME_LABELS else len(RUN_NAME_LABELS))
+    parts = [_name_part(key, flat[key], defaults) for key in differing]
+    shown: list[str] = []
+    for part in parts:
+        if len(" ".join([*shown, part])) > MAX_NAMED_PARAMS_LENGTH:
+            shown.append(f"+{len(parts) - len(shown)} more")
+            break
+        shown.append(part)
+    name = " ".join(shown) or DEFAULT_RUN_NAME
+    return f"{name} data={data_version[:8]}" if data_version else name
+
+
+@functools.cache
+def _default_params() -> dict[str, str]:
+    # Validated, so that defaults are typed as parsed values are (the schema's [0, 15] becomes [0.0, 15.0]).
+    return flatten_params(Params.model_validate(Params().model_dump()))
+
+
+def _name_part(key: str, value: str, defaults: dict[str, str]) -> str:
+    if key in RUN_NAME_LABELS:
+        label = RUN_NAME_LABELS[key]
+    else:
+        leaf = key.rsplit(".", 1)[-1]
+        ambiguous = sum(other.rsplit(".", 1)[-1] == leaf for other in defaults) > 1
+        label = f"{key.split('.', 1)[0]}.{leaf}" if ambiguous else leaf
+    shown = _short_value(key, value)
+    return f"{label}={shown}" if label else shown
+
+
+def _short_value(key: str, value: str) -> str:
+    """Booleans as on/off, lists as a-b-c, paths by their last part."""
+    words = {"true": "on", "false": "off"}
+    if value.startswith("[") and value.endswith("]"):
+        items = [item.strip() for item in value[1:-1].split(",") if item.strip()]
+        return "-".join(words.get(item.lower(), item) for item in items)
+    if "/" in value:  # a data root, a backbone .keras file: its last part
+        return Path(value).name or value
+    return words.get(value.lower(), value)
+
+
+def unique_run_name(base: str, taken: Iterable[str], current: str | None = None) -> str:
+    """`base`, or `base #2`, `base #3`, ... whichever no other run has; a run already named so keeps its name."""
+    taken = set(taken)
+    if current and current not in taken and re.fullmatch(re.escape(base) + r"( #\d+)?", current):
+        return current
+    if base not in taken:
+        return base
+    number = 2
+    while f"{base} #{number}" in taken:
+        number += 1
+    return f"{base} #{number}"
+
+
+def _name_run(client: MlflowClient, run_id: str, params: Params, data_version: str | None) -> None:
+    run = client.get_run(run_id)
+    base = describe_run(params, data_version)
+    prefix = re.split(r"['\\]", base)[0]  # quotes cannot be escaped in a filter: match on what precedes them
+    others = client.search_runs(
+        [run.info.experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'", max_results=5000
+    )
+    taken = {other.info.run_name for other in others if other.info.run_id != run_id}
+    name = unique_run_name(base, taken, run.info.run_name)
+    if name != run.info.run_name:
+        client.update_run(run_id, name=name)
 
 
 def dvc_data_version(prepared_dir: Path) -> str | None:
@@ -150,27 +282,63 @@ def dvc_data_version(prepared_dir: Path) -> str | None:
     return tree.hash_info.value
 
 
-def _git(*args: str) -> str | None:
+# --------------------------------------------------------------------------------------------- lineage
+
+# Not code: written by the pipeline (dvc.lock) or logged in full with every run (params.yaml, which
+# `dvc exp run -S` rewrites). Together with dvc.yaml's outputs they never make the tree "dirty".
+NOT_CODE = ("dvc.lock", "params.yaml")
+
+
+def _git(*args: str, repo: Path | None = None) -> str | None:
     try:
-        result = subprocess.run(["git", *args], cwd=code_root(), capture_output=True, text=True, timeout=10)
+        result = subprocess.run(["git", *args], cwd=repo or code_root(), capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def pipeline_outputs(dvc_yaml: Path) -> list[str]:
+    """Every path a stage of `dvc_yaml` writes (outs, metrics, plots), as dvc.yaml spells it."""
+    import yaml
+
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.exists() else {}
+    return [
+        next(iter(entry)) if isinstance(entry, dict) else str(entry)
+        for stage in stages.values()
+        for section in ("outs", "metrics", "plots")
+        for entry in stage.get(section) or []
+    ]
+
+
+def code_state(repo: Path) -> tuple[str, bool] | None:
+    """(commit, dirty) of the checkout at `repo`, or None outside git. Dirty means a tracked file that is
+    code differs from the commit: the pipeline's own outputs (run pointers, metrics, history, dvc.lock)
+    and params.yaml do not count, so the flag says whether the commit alone reproduces the run."""
+    commit = _git("rev-parse", "HEAD", repo=repo)
+    if not commit:
+        return None
+    excluded = [f":(top,exclude){path}" for path in [*NOT_CODE, *pipeline_outputs(repo / "dvc.yaml")]]
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded, repo=repo)
+    return commit, bool(status)
+
+
+def code_state_tags() -> dict[str, str]:
+    """The code a run starts from: recorded once, when the run is created."""
+    state = code_state(code_root())
+    if state is None:
+        return {}
+    commit, dirty = state
+    return {"mlflow.source.git.commit": commit, TAG_PREFIX + "git_commit": commit,
+            TAG_PREFIX + "git_dirty": str(dirty).lower()}
+
+
 def lineage_tags() -> dict[str, str]:
-    """Everything needed to recreate a run: code version, trigger, libraries, where it ran."""
+    """Everything else needed to recreate a run (set by every stage): trigger, libraries, where it ran."""
     tags: dict[str, str] = {
         TAG_PREFIX + "host": socket.gethostname(),
         TAG_PREFIX + "pid": str(os.getpid()),
         TAG_PREFIX + "python": sys.version.split()[0],
     }
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        tags["mlflow.source.git.commit"] = commit
-        tags[TAG_PREFIX + "git_commit"] = commit
-        tags[TAG_PREFIX + "git_dirty"] = str(bool(status)).lower()
     for library in TRACKED_LIBRARIES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"{TAG_PREFIX}version.{library}"] = metadata.version(library)
@@ -181,6 +349,13 @@ def lineage_tags() -> dict[str, str]:
         if os.environ.get(variable):
             tags[TAG_PREFIX + variable.lower()] = os.environ[variable]
     return tags
+
+
+def counter_tags(counts: dict[str, int]) -> dict[str, str]:
+    """Bookkeeping counts (files found, duplicates, images per split) as `cassava.data.<name>` tags: shown
+    with the run, never as metrics, so the charts and the compare view lead with learning curves and
+    test metrics."""
+    return {f"{TAG_PREFIX}data.{name}": str(int(count)) for name, count in counts.items()}
 
 
 def _trigger() -> tuple[str, dict[str, str]]:
@@ -288,6 +463,53 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+# ------------------------------------------------------------------------------ an interrupted training
+
+
+def _interrupted_run_file() -> Path:
+    from tasks.layout import INTERRUPTED_RUN_FILE
+
+    return workspace_root() / INTERRUPTED_RUN_FILE
+
+
+def _params_digest(flat_params: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(flat_params, sort_keys=True).encode()).hexdigest()
+
+
+def _read_interrupted_run() -> dict[str, str] | None:
+    """{"run_id", "params", "training"} of the training in progress or killed, or None."""
+    try:
+        return json.loads(_interrupted_run_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mark_training(run_id: str, flat_params: dict[str, str], training_fingerprint: str) -> None:
+    marker = _interrupted_run_file()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    temporary = marker.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"run_id": run_id, "params": _params_digest(flat_params),
+                                     "training": training_fingerprint}) + "\n")
+    temporary.replace(marker)
+
+
+def _unmark_training(run_id: str) -> None:
+    marked = _read_interrupted_run()
+    if marked and marked.get("run_id") == run_id:
+        _interrupted_run_file().unlink(missing_ok=True)
+
+
+def _run_status(client: MlflowClient, run_id: str) -> str | None:
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run.info.status if run.info.lifecycle_stage == "active" else None
+
+
+# ----------------------------------------------------------------------------------------- the stage run
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -295,8 +517,15 @@ def stage_run(
     upstream_pointer: Path | None,
     pointer_out: Path,
     run_id: str | None = None,
+    training_fingerprint: str | None = None,
 ) -> Iterator[StageRun]:
-    """Open the execution's run for `stage` (see the module doc), and end it FINISHED, FAILED or KILLED."""
+    """Open the execution's run for `stage` (see the module doc), and end it FINISHED, FAILED or KILLED.
+
+    A resumable training passes its `training_fingerprint`: the run is then marked as holding that training
+    until it ends FINISHED or FAILED. If it is killed instead, the next execution with the same params (its
+    first stage, whichever way it runs) continues that same run; a training whose data changed in between
+    goes to a new run rather than mix two trainings' epochs in one.
+    """
     configure_tracking()
     client = MlflowClient()
     experiment_id = ensure_experiment(experiment_name(params))
@@ -305,33 +534,44 @@ def stage_run(
     upstream_run_id, upstream_records = read_pointer(upstream_pointer)
     records = list(upstream_records)
 
+    stale_run = None
+    interrupted = _read_interrupted_run()
+    if interrupted and interrupted.get("params") == _params_digest(flat_params):
+        if training_fingerprint and interrupted.get("training") != training_fingerprint:
+            stale_run = interrupted["run_id"]  # it holds epochs of another training (the data changed)
+        elif not run_id and _run_status(client, interrupted["run_id"]) == "KILLED":
+            run_id = interrupted["run_id"]
     if run_id and not _run_exists(client, run_id):
-        run_id = None  # e.g. a training backup whose run was deleted from the store
+        run_id = None  # e.g. a run deleted from the store
     candidate = run_id or upstream_run_id
-    carried_over = not (candidate and (run_id or _resumable(client, candidate, stage, flat_params)))
-    active = mlflow.start_run(
-        run_id=None if carried_over else candidate,
-        experiment_id=experiment_id,
-        run_name=describe_run(params, None) if carried_over else None,
+    carried_over = (
+        not (candidate and (run_id or _resumable(client, candidate, stage, flat_params)))
+        or candidate == stale_run
     )
+    active = mlflow.start_run(run_id=None if carried_over else candidate, experiment_id=experiment_id)
+    current = active.info.run_id
     try:
         with _sigterm_raises():
-            current = active.info.run_id
+            resumed = client.get_run(current)
+            if carried_over or "mlflow.source.git.commit" not in resumed.data.tags:
+                mlflow.set_tags(code_state_tags())  # the code as the run starts, not as later stages find it
             mlflow.set_tags(lineage_tags())
             if carried_over:
+                _name_run(client, current, params, None)
                 mlflow.log_params(flat_params)
-                if upstream_run_id:
-                    mlflow.set_tag(TAG_PREFIX + "carried_over_from", upstream_run_id)
+                if candidate:
+                    mlflow.set_tag(TAG_PREFIX + "carried_over_from", candidate)
                 for record in upstream_records:
                     log_record(current, record, replay_series=True)
             else:
-                resumed = client.get_run(current)
                 if not resumed.data.params:
                     mlflow.log_params(flat_params)
                 if TAG_PREFIX + "failure" in resumed.data.tags:  # continuing a killed stage: it is not failed now
                     client.delete_tag(current, TAG_PREFIX + "failure")
                     mlflow.set_tag(TAG_PREFIX + "resumed_after", resumed.data.tags[TAG_PREFIX + "failure"][:500])
             mlflow.set_tag(TAG_PREFIX + "stage", stage)
+            if training_fingerprint:
+                _mark_training(current, flat_params, training_fingerprint)
             handle = StageRun(current, stage, records)
             yield handle
             mlflow.set_tag(f"{TAG_PREFIX}stage.{stage}", "done")
@@ -339,14 +579,18 @@ def stage_run(
             write_pointer(pointer_out, current, handle.records)
     except (KeyboardInterrupt, Terminated) as interruption:
         mlflow.set_tag(TAG_PREFIX + "failure", f"{stage}: interrupted ({interruption or 'KeyboardInterrupt'})")
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED))
+        mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED))  # still marked: the next execution resumes
         raise
     except BaseException as error:
         mlflow.set_tag(TAG_PREFIX + "failure", f"{stage}: {type(error).__name__}: {error}"[:5000])
         mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
+        if training_fingerprint:
+            _unmark_training(current)  # a failed training is not continued: its next attempt starts a new run
         raise
     else:
         mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))
+        if training_fingerprint:
+            _unmark_training(current)
 
 
 def _tag_data_version(client: MlflowClient, run_id: str, params: Params) -> None:
@@ -360,8 +604,7 @@ def _tag_data_version(client: MlflowClient, run_id: str, params: Params) -> None
     if run.data.tags.get(TAG_PREFIX + "data_version") != version:
         client.set_tag(run_id, TAG_PREFIX + "data_version", version)
         _log_dataset(workspace_root() / PREPARED_DIR, params, version)
-    if not params.tracking.run_name:
-        client.update_run(run_id, name=describe_run(params, version))
+    _name_run(client, run_id, params, version)
 
 
 def _log_dataset(prepared_dir: Path, params: Params, version: str) -> None:
@@ -428,6 +671,24 @@ def log_epoch_metrics(run_id: str, epoch: int, values: dict[str, float]) -> None
     """Log one epoch's metrics live (explicit run id: Prefect runs tasks in threads)."""
     metrics = [Metric(key, float(value), 0, epoch) for key, value in values.items()]
     MlflowClient().log_batch(run_id, metrics=metrics)
+
+
+class EpochLog:
+    """Per-epoch metrics, logged live, each epoch exactly once in the run, also across a kill and a resume:
+    epochs the run already holds (the killed attempt logged them, then died before backing them up, so
+    they are trained again) are not logged twice, and the epochs a resumed training restores from its
+    backup that the run lacks are logged first (`history`: rows with an "epoch" column)."""
+
+    def __init__(self, run_id: str, history: Iterable[dict[str, float]] = ()) -> None:
+        self.run_id = run_id
+        self.logged = {point.step for point in MlflowClient().get_metric_history(run_id, EPOCH_MARKER)}
+        for row in history:
+            self(int(row["epoch"]), {key: value for key, value in row.items() if key != "epoch"})
+
+    def __call__(self, epoch: int, values: dict[str, float]) -> None:
+        if epoch not in self.logged:
+            log_epoch_metrics(self.run_id, epoch, values)
+            self.logged.add(epoch)
 
 
 def log_keras_model(model_dir: Path) -> None:

@@ -445,20 +445,22 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         resume_from = load_transfer_progress
     from tasks import layout
     from tasks.staging import staged_outputs
-    from tasks.tracking import StageRecord, log_artifacts, log_epoch_metrics, set_run_tags, stage_run
+    from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
     backup_dir = root / layout.BACKUP_DIR
-    progress = resume_from(backup_dir, training_fingerprint(params, prepared)) if params.train.resume else None
-    resumed_run = progress.run_id if progress else None
-    outputs = [layout.MODEL_DIR, layout.HISTORY_FILE, layout.TRAIN_SUMMARY_FILE, layout.INIT_DIAGNOSTICS_FILE,
-               layout.INIT_DIAGNOSTICS_PLOT, layout.TRAIN_POINTER]
+    fingerprint = training_fingerprint(params, prepared)
+    progress = resume_from(backup_dir, fingerprint) if params.train.resume else None
+    outputs = [layout.MODEL_DIR, layout.HISTORY_FILE, layout.TRAIN_SUMMARY_FILE, layout.TRAIN_METRICS_FILE,
+               layout.INIT_DIAGNOSTICS_FILE, layout.INIT_DIAGNOSTICS_PLOT, layout.TRAIN_POINTER]
+    # A killed training's run is found by stage_run (it was marked with this fingerprint), so it continues.
     with staged_outputs(root, "train", outputs) as staged, \
-            stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER,
-                      run_id or resumed_run) as run:
-        progress = progress or Progress(fingerprint=training_fingerprint(params, prepared))
+            stage_run("train", params, root / layout.PREPARE_POINTER, root / layout.TRAIN_POINTER, run_id,
+                      training_fingerprint=fingerprint if params.train.resume else None) as run:
+        progress = progress or Progress(fingerprint=fingerprint)
         progress.run_id = run.run_id
+        epoch_log = EpochLog(run.run_id, progress.history)  # every epoch once, also across a kill
         diagnostics = [staged.path(layout.INIT_DIAGNOSTICS_FILE), staged.path(layout.INIT_DIAGNOSTICS_PLOT)]
         verdict = diagnose_initialization(params, prepared, *diagnostics)
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
@@ -467,14 +469,14 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         log_artifacts(run.run_id, diagnostics, "diagnostics")
         try:
             outcome = train_classifier(
-                params, prepared, root / layout.CHECKPOINT_FILE, backup_dir,
-                on_epoch=lambda epoch, values: log_epoch_metrics(run.run_id, epoch, values), progress=progress,
+                params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
             )
         except TrainingDiverged as diverged:
             set_run_tags(run.run_id, {"cassava.gradient_flag": "; ".join(diverged.gradient_flags) or "none"})
             raise
         save_training_outputs(outcome, prepared, staged.path(layout.MODEL_DIR), staged.path(layout.HISTORY_FILE),
                               staged.path(layout.TRAIN_SUMMARY_FILE))
+        layout.write_metrics(outcome.summary.metrics(), staged.path(layout.TRAIN_METRICS_FILE))
         staged.publish()
         run.complete(
             StageRecord(

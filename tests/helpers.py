@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import functools
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -17,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.names import CLASSES_TAG, DATA_VERSION_TAG
-from tasks.params import tracking_root
+from tasks.params import code_root, tracking_root
 from tasks.tracking import configure_tracking, ensure_experiment, log_keras_model
 
 if TYPE_CHECKING:
@@ -105,3 +106,20 @@ def module_workspace(root: Path) -> Iterator[str]:
         patch.delenv("DVC_ROOT", raising=False)
         patch.chdir(root)
         yield open_store()
+
+
+def clone_project(root: Path, params_tree: dict) -> Path:
+    """A fresh clone-like copy of this project at `root` (tracked files only, no tests or benchmarks) with
+    `params_tree` as params.yaml, committed in a new git repository."""
+    import yaml
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=code_root(), capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        source = code_root() / name
+        if source.is_file() and not name.startswith(("tests/", "bench/")):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(params_tree, sort_keys=False))
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *command], cwd=root, check=True, capture_output=True)
+    return root

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tasks.params import code_root
 from tests.conftest import tiny_params_tree
+from tests.helpers import clone_project
 
 pytestmark = pytest.mark.slow  # real DVC in a temporary git repository, whole pipeline
 
@@ -42,18 +41,7 @@ def _dvc(*args: str, cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh clone-like copy of this project (tracked files only) with the tiny params, committed."""
-    root = tmp_path_factory.mktemp("dvc") / "project"
-    tracked = subprocess.run(["git", "ls-files"], cwd=code_root(), capture_output=True, text=True, check=True)
-    for name in tracked.stdout.splitlines():
-        source = code_root() / name
-        if source.is_file() and not name.startswith(("tests/", "bench/")):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_tree(), sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        _run(command, root)
-    return root
+    return clone_project(tmp_path_factory.mktemp("dvc") / "project", tiny_params_tree())
 
 
 def _runs(project: Path) -> list:
@@ -76,7 +64,9 @@ def test_repro_runs_everything_into_one_run_then_is_a_no_op(project: Path) -> No
     assert run.info.status == "FINISHED"
     assert run.data.tags["cassava.trigger"] == "dvc"
     assert run.data.tags["cassava.data_version"] == _lock_md5(project, "prepare", "data/prepared")
-    assert {"test_accuracy", "test_macro_f1", "train.best_epoch", "data.images_kept"} <= set(run.data.metrics)
+    assert run.data.tags["cassava.git_dirty"] == "false"  # a fresh clone's first run
+    assert {"test_accuracy", "test_macro_f1", "train.best_epoch"} <= set(run.data.metrics)
+    assert int(run.data.tags["cassava.data.images_kept"]) > 0
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
 
     again = _dvc("repro", cwd=project)
@@ -155,7 +145,7 @@ def test_exp_run_with_set_param_is_listed_and_tracked(project: Path) -> None:
     latest = _runs(project)[-1]
     assert latest.data.params["train.learning_rate"] == "0.01"
     assert latest.data.tags["cassava.dvc_exp_name"] == "lr-0.01"
-    assert latest.info.run_name.startswith("cnn8-16-adam-lr0.01-")
+    assert latest.info.run_name.startswith("cnn=8-16 lr=0.01 ep=3 ")
     assert latest.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     assert {item.path for item in MlflowClient().list_artifacts(latest.info.run_id, "evaluation")} >= {
         "evaluation/metrics.json"}

@@ -23,7 +23,7 @@ from sklearn.metrics import f1_score, recall_score
 
 from tasks.layout import HISTORY_FILE, MODEL_DIR, PREDICTIONS_FILE, PREPARED_DIR, TRAIN_SUMMARY_FILE
 from tasks.params import code_root, flatten_params, load_params
-from tasks.tracking import dvc_data_version
+from tasks.tracking import code_state, describe_run, dvc_data_version
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]  # a real private Prefect server
 
@@ -40,8 +40,7 @@ def prefect_server():
 def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
     from flows.train_pipeline import train_pipeline, where_to_look
 
-    git_status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=code_root(),
-                                capture_output=True, text=True, check=True).stdout
+    _, code_changed = code_state(code_root())  # tracked code differing from the commit (outputs do not count)
     result = train_pipeline(overrides=["train.learning_rate=0.003"])
     client = MlflowClient()
     run = client.get_run(result["run_id"])
@@ -52,14 +51,15 @@ def test_flow_logs_one_complete_run(workspace: Path, prefect_server) -> None:
     assert experiment.name == "cassava-synthetic"
     assert len(client.search_runs([experiment.experiment_id])) == 1  # one run per pipeline execution
     assert run.data.params == flatten_params(params)
-    assert run.info.run_name == f"cnn8-16-adam-lr0.003-{run.data.tags['cassava.data_version'][:8]}"
+    assert run.info.run_name == describe_run(params, run.data.tags["cassava.data_version"])
+    assert "lr=0.003" in run.info.run_name
 
     tags = run.data.tags
     assert tags["cassava.trigger"] == "prefect"
     with get_client(sync_client=True) as prefect:
         assert tags["cassava.prefect_flow_run_id"] in {str(flow_run.id) for flow_run in prefect.read_flow_runs()}
     assert tags["cassava.data_version"] == dvc_data_version(workspace / PREPARED_DIR)
-    assert tags["cassava.git_dirty"] == ("true" if git_status else "false")
+    assert tags["cassava.git_dirty"] == ("true" if code_changed else "false")
     assert tags["mlflow.source.git.commit"] == subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=code_root(), capture_output=True, text=True, check=True).stdout.strip()
     assert tags["cassava.version.tensorflow-cpu"] == metadata.version("tensorflow-cpu")
@@ -157,7 +157,7 @@ def test_unchanged_data_stages_are_cached_and_training_is_not(workspace: Path, p
     assert second["run_id"] != first["run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["cassava.data_version"] == client.get_run(first["run_id"]).data.tags["cassava.data_version"]
     assert run.data.tags["cassava.carried_over_from"] == first["run_id"]  # the skipped stages' records come along
-    assert {"data.images_kept", "data.raw_files"} <= set(run.data.metrics)
+    assert {"cassava.data.images_kept", "cassava.data.raw_files"} <= set(run.data.tags)  # counters are tags
 
     (workspace / "data" / "prepare.mlflow.json").unlink()  # an output of prepare is gone: prepare runs again
     state = train_pipeline(return_state=True)

@@ -161,7 +161,7 @@ def test_report_shows_header_warnings_and_the_gate_decision(staged: Staged) -> N
     assert header["Run"].endswith(f"({staged.run_id})")
     assert header["Params changed from defaults"].startswith("data.image_size=32, ")
     assert header["Data version"] == dvc_data_version(staged.root / layout.PREPARED_DIR)
-    baseline = metrics["test_majority_baseline_accuracy"]
+    baseline = json.loads((staged.root / layout.ALL_METRICS_FILE).read_text())["test_majority_baseline_accuracy"]
     assert html.unescape(header["Test accuracy"]).startswith(
         f"{metrics['test_accuracy']:.4f} (majority-class baseline {baseline:.4f}")
     warnings = re.findall(r"<li>(.*?)</li>", page.split('id="warnings"')[1].split("</div>")[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +11,22 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.params import Params, flatten_params
+from tasks.layout import INTERRUPTED_RUN_FILE
+from tasks.params import Params, code_root, flatten_params, load_params
 from tasks.tracking import (
+    EXPERIMENT_KIND_TAG,
+    EpochLog,
     StageRecord,
+    code_state,
     configure_tracking,
     describe_run,
     ensure_experiment,
     experiment_name,
+    log_epoch_metrics,
     read_pointer,
     reap_orphaned_runs,
     stage_run,
+    unique_run_name,
 )
 
 
@@ -89,13 +97,13 @@ def test_an_interrupted_stage_ends_killed(workspace: Path, tiny_params: Params) 
     assert MlflowClient().get_run(run.run_id).info.status == "KILLED"
 
 
-def _stage_in_subprocess(workspace: Path, ending: str) -> tuple[int, str]:
+def _stage_in_subprocess(workspace: Path, ending: str, fingerprint: str | None = None) -> tuple[int, str]:
     """Run a stage in another process that ends with `ending` inside the stage; (exit code, its run id)."""
     script = (
         "import os, pathlib, signal\n"
         "from tasks.params import load_params\n"
         "from tasks.tracking import stage_run\n"
-        "with stage_run('train', load_params(), None, pathlib.Path('t.json')) as run:\n"
+        f"with stage_run('train', load_params(), None, pathlib.Path('t.json'), training_fingerprint={fingerprint!r}) as run:\n"
         "    print(run.run_id, flush=True)\n"
         f"    {ending}\n"
     )
@@ -123,8 +131,180 @@ def test_runs_of_dead_processes_are_reaped(workspace: Path, tiny_params: Params)
     assert client.get_run(run_id).info.status == "KILLED"
 
 
-def test_run_names_say_what_differs(tiny_params: Params) -> None:
-    assert describe_run(tiny_params, "0123456789abcdef.dir") == "cnn8-16-adam-lr0.002-01234567"
+
+
+@pytest.mark.slow
+def test_a_killed_training_is_continued_in_its_run_by_the_next_execution(workspace: Path, tiny_params: Params) -> None:
+    _, killed = _stage_in_subprocess(workspace, "os._exit(9)  # as SIGKILL", fingerprint="training-1")
+    assert (workspace / INTERRUPTED_RUN_FILE).exists()
+    # The next execution's first stage (the flow's acquire) continues the killed run, whose process is gone.
+    with stage_run("acquire", tiny_params, None, workspace / "a.json") as first:
+        assert MlflowClient().get_run(first.run_id).info.status == "RUNNING"
+    assert first.run_id == killed
+    run = MlflowClient().get_run(killed)
+    assert run.info.status == "FINISHED" and "cassava.failure" not in run.data.tags
+    assert "died" in run.data.tags["cassava.resumed_after"]
+
+    changed = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 9})})
+    with stage_run("acquire", changed, None, workspace / "other.json") as other:
+        pass
+    assert other.run_id != killed  # other params: another training, another run
+
+    # The same params, but the data changed under the killed training: its epochs are not mixed with these.
+    with stage_run("train", tiny_params, workspace / "a.json", workspace / "t.json", first.run_id,
+                   training_fingerprint="training-2") as retrained:
+        assert (workspace / INTERRUPTED_RUN_FILE).exists()
+    assert retrained.run_id not in (killed, other.run_id)
+    assert MlflowClient().get_run(retrained.run_id).data.tags["cassava.carried_over_from"] == killed
+    assert not (workspace / INTERRUPTED_RUN_FILE).exists()  # finished: nothing left to continue
+
+
+def test_git_dirty_means_code_changed_not_pipeline_outputs(tmp_path: Path) -> None:
+    repo = tmp_path / "clone"
+    for name in ("dvc.yaml", "tasks/train.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(code_root() / name, repo / name)
+    outputs = ["dvc.lock", "params.yaml", "models/train.mlflow.json", "models/history.csv", "reports/metrics.json",
+               "models/train_metrics.json", "reports/all_metrics.json"]
+    for name in outputs:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("as committed\n")
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *command], cwd=repo, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert code_state(repo) == (commit, False)  # a fresh clone
+    for name in outputs:  # what a run rewrites
+        (repo / name).write_text("rewritten by a run\n")
+    assert code_state(repo) == (commit, False)
+    (repo / "tasks/train.py").write_text((repo / "tasks/train.py").read_text() + "\n# an edit\n")
+    assert code_state(repo) == (commit, True)
+    assert code_state(tmp_path) is None  # not a git checkout
+
+
+@pytest.mark.reliability
+def test_three_processes_start_together_on_a_brand_new_store(workspace: Path) -> None:
+    (workspace / "mlflow.db").unlink()  # brand new: MLflow must create its tables first
+    script = (
+        "import os, pathlib\n"
+        "from tasks.params import load_params\n"
+        "from tasks.tracking import stage_run\n"
+        "with stage_run('acquire', load_params(), None, pathlib.Path(f'a{os.getpid()}.json')) as run:\n"
+        "    print(run.run_id)\n"
+    )
+    starts = [subprocess.Popen([sys.executable, "-c", script], cwd=workspace, env=_env_with_code_on_path(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [start.communicate(timeout=900) for start in starts]
+    for start, (_, error) in zip(starts, outcomes):
+        assert start.returncode == 0, error[-3000:]
+    configure_tracking()
+    client = MlflowClient()
+    (experiment,) = [item for item in client.search_experiments() if item.name == "cassava-synthetic"]
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_id for run in runs) == sorted(output.strip() for output, _ in outcomes)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "data_version", "expected"),
+    [
+        ([], None, "defaults"),
+        ([], "0123456789abcdef.dir", "defaults data=01234567"),
+        (["model.batch_norm=false", "train.optimizer=sgd"], None, "bn=off sgd"),
+        (["train.epochs=3"], None, "ep=3"),
+        (["train.epochs=15"], None, "defaults"),  # the default value: nothing differs
+        (["train.optimizer=sgd", "train.learning_rate=0.01", "model.batch_norm=false", "train.epochs=20"], "abcdef12345",
+         "bn=off sgd lr=0.01 ep=20 data=abcdef12"),
+        (["model.batch_norm=[true, false, true]", "model.conv_filters=[8, 16, 32]"], None, "cnn=8-16-32 bn=on-off-on"),
+        (["train.early_stopping.patience=10", "model.augmentation.flip=horizontal"], None, "flip=horizontal patience=10"),
+        (["train.seed=7"], None, "train.seed=7"),  # seed is also data.seed and evaluate.seed
+        (["data.source=folder", "data.root=/data/icassava/train"], None, "root=train"),  # the experiment says folder
+        (["tracking.run_name=my baseline"], "0123456789", "my baseline"),
+    ],
+)
+def test_run_names_say_what_differs_from_the_defaults(overrides: list[str], data_version: str | None,
+                                                      expected: str) -> None:
+    params = load_params(code_root() / "params.yaml", overrides)
+    assert describe_run(params, data_version) == expected
+
+
+def test_a_long_run_name_says_how_many_more_params_differ() -> None:
+    overrides = [f"evaluate.{key}" for key in ("batch_size=7", "top_k=3", "calibration_bins=9", "gallery_size=3",
+                                               "saliency_per_class=1", "shift_auc_threshold=0.7", "seed=4")]
+    name = describe_run(load_params(code_root() / "params.yaml", [*overrides, "train.epochs=2"]), None)
+    assert name.startswith("ep=2 evaluate.batch_size=7 top_k=3 calibration_bins=9")
+    assert name.endswith(" +2 more") and len(name) <= 100
+
+
+@pytest.mark.parametrize(
+    ("taken", "current", "expected"),
+    [
+        ([], None, "bn=off"),
+        (["bn=off"], None, "bn=off #2"),
+        (["bn=off", "bn=off #2", "bn=off #4"], None, "bn=off #3"),
+        (["bn=off"], "bn=off #2", "bn=off #2"),  # a run keeps the number it has
+        (["bn=off #2"], "bn=off #2", "bn=off"),  # ... unless another run holds it
+        (["bn=off"], "ep=3", "bn=off #2"),  # renamed when its params say otherwise
+    ],
+)
+def test_repeated_run_names_get_a_number(taken: list[str], current: str | None, expected: str) -> None:
+    assert unique_run_name("bn=off", taken, current) == expected
+
+
+def test_runs_with_the_same_params_get_unique_names_in_the_store(workspace: Path, tiny_params: Params) -> None:
+    names = []
+    for index in range(3):
+        with stage_run("acquire", tiny_params, None, workspace / "a.json") as run:
+            pass
+        names.append(MlflowClient().get_run(run.run_id).info.run_name)
+    base = describe_run(tiny_params, None)
+    assert names == [base, f"{base} #2", f"{base} #3"]
+    with stage_run("prepare", tiny_params, workspace / "a.json", workspace / "p.json") as resumed:
+        pass
+    assert resumed.run_id == run.run_id and MlflowClient().get_run(run.run_id).info.run_name == f"{base} #3"
+
+
+def test_experiments_open_on_the_training_view(workspace: Path, tiny_params: Params) -> None:
+    configure_tracking()
+    client = MlflowClient()
+    created = client.get_experiment(ensure_experiment("brand-new"))
+    assert created.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("made-before-the-tag")  # as earlier versions of the pipeline left them
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    assert ensure_experiment("made-before-the-tag") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_data_counters_are_tags_not_metrics(workspace: Path, tiny_params: Params) -> None:
+    from tasks.data import run_acquire, run_prepare
+    from tasks.prepared import PreparedData
+
+    run_id = run_prepare(tiny_params, run_acquire(tiny_params))
+    run = MlflowClient().get_run(run_id)
+    assert not [key for key in run.data.metrics if key.startswith("data.")]
+    report = json.loads(PreparedData(workspace / "data/prepared").report_file.read_text())
+    assert run.data.tags["cassava.data.raw_files"] == str(16 * 5)
+    assert run.data.tags["cassava.data.images_kept"] == str(report["images_kept"])
+    split_total = sum(int(run.data.tags[f"cassava.data.{split}_images"]) for split in ("train", "val", "test"))
+    assert split_total == report["images_kept"]
+
+
+def test_every_epoch_is_logged_once_across_a_kill(workspace: Path, tiny_params: Params) -> None:
+    with stage_run("train", tiny_params, None, workspace / "t.json") as run:
+        for epoch in (1, 2, 3):  # the killed attempt logged epoch 3, but its backup holds epochs 1-2 only
+            log_epoch_metrics(run.run_id, epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
+        backed_up = [{"epoch": epoch, "loss": 1.0 / epoch, "val_loss": 2.0 / epoch} for epoch in (1, 2)]
+        resumed = EpochLog(run.run_id, backed_up)
+        for epoch in (3, 4):  # the resumed training runs epoch 3 again, then 4
+            resumed(epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
+    # A run that lost epoch 2 (killed between the backup and the log) gets it back from the backup.
+    with stage_run("train", tiny_params, None, workspace / "t2.json") as other:
+        log_epoch_metrics(other.run_id, 1, {"loss": 1.0, "val_loss": 2.0})
+        EpochLog(other.run_id, backed_up)
+    client = MlflowClient()
+    for key in ("loss", "val_loss"):
+        assert [point.step for point in client.get_metric_history(run.run_id, key)] == [1, 2, 3, 4]
+        assert [point.step for point in client.get_metric_history(other.run_id, key)] == [1, 2]
 
 
 def _env_with_code_on_path() -> dict[str, str]:
@@ -133,3 +313,17 @@ def _env_with_code_on_path() -> dict[str, str]:
     from tasks.params import code_root
 
     return {**os.environ, "PYTHONPATH": str(code_root())}
+
+
+def test_dvc_metrics_files_hold_the_headline_numbers_only(tmp_path: Path) -> None:
+    from tasks.layout import write_metrics
+
+    evaluation = {"test_recall.cmd": 0.5, "test_top3_accuracy": 0.9, "test_macro_f1": 0.6, "test_accuracy": 0.7,
+                  "test_expected_calibration_error": 0.1, "test_precision.cbb": 0.4}
+    write_metrics(evaluation, tmp_path / "metrics.json", tmp_path / "all_metrics.json")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "test_accuracy": 0.7, "test_macro_f1": 0.6, "test_top3_accuracy": 0.9}
+    assert json.loads((tmp_path / "all_metrics.json").read_text()) == evaluation
+    training = {"epochs_run": 6.0, "best_epoch": 4.0, "best_val_accuracy": 0.8, "seconds": 12.5}
+    write_metrics(training, tmp_path / "train_metrics.json")
+    assert json.loads((tmp_path / "train_metrics.json").read_text()) == {"best_epoch": 4.0, "best_val_accuracy": 0.8}
