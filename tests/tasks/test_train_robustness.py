@@ -212,5 +212,5 @@ def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
     curve = json.loads((workspace / "reports/failure_analysis.json").read_text())["learning_curve"]
     assert [point["fraction"] for point in curve] == [0.5, 1.0]
     assert curve[0]["train_images"] < curve[1]["train_images"]
-    report = (workspace / "reports/report.html").read_text()
+    report = (workspace / "reports/evaluation.html").read_text()  # evaluate's report (register completes it)
     assert "<h2>Learning curve</h2>" in report and "<h2>Saliency</h2>" in report
