@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tasks.errors import DataError
 from tasks.images import UnreadableImage, blur_score, content_hash, list_image_files, load_rgb_image
+from tasks.names import CLASSES_TAG
 from tasks.params import CASSAVA_CLASSES, DataParams, Params, workspace_root
 from tasks.prepared import MANIFEST_COLUMNS, SPLITS, PreparedData
 
@@ -379,7 +380,7 @@ def run_prepare(params: Params, run_id: str | None = None) -> str:
             StageRecord(
                 "prepare",
                 tags={
-                    "cassava.classes": ",".join(report.classes),
+                    CLASSES_TAG: ",".join(report.classes),
                     **counter_tags({
                         "images_kept": report.images_kept,
                         "skipped": len(report.skipped),

@@ -162,7 +162,8 @@ def run_point(job: PointJob) -> None:
     from tasks.cli import configure_logging
     from tasks.evaluate import run_evaluate
     from tasks.params import load_params
-    from tasks.tracking import TAG_PREFIX, configure_tracking, lineage_tags
+    from tasks.names import FAILURE_TAG
+    from tasks.tracking import configure_tracking, lineage_tags
     from tasks.train import run_train
 
     configure_logging()
@@ -179,7 +180,7 @@ def run_point(job: PointJob) -> None:
         run_evaluate(params, run_id)
     except BaseException as error:
         if client.get_run(run_id).info.status == "RUNNING":  # failed before a stage could end it
-            client.set_tag(run_id, TAG_PREFIX + "failure", f"sweep point: {type(error).__name__}: {error}"[:5000])
+            client.set_tag(run_id, FAILURE_TAG, f"sweep point: {type(error).__name__}: {error}"[:5000])
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     finally:
@@ -221,11 +222,11 @@ def reopen_parent_run(run_id: str) -> None:
 def end_parent_run(run_id: str, status: str, reason: str | None = None) -> None:
     from mlflow import MlflowClient
 
-    from tasks.tracking import TAG_PREFIX
+    from tasks.names import FAILURE_TAG
 
     client = MlflowClient()
     if reason:
-        client.set_tag(run_id, TAG_PREFIX + "failure", reason[:5000])
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
     client.set_terminated(run_id, status)
 
 

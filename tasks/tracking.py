@@ -41,9 +41,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus
 
+from tasks.names import DATA_VERSION_TAG, FAILURE_TAG, TAG_PREFIX, stage_done_tag
 from tasks.params import Params, code_root, flatten_params, tracking_root, workspace_root
 
-TAG_PREFIX = "cassava."
 # MLflow 3's UI opens an experiment on its GenAI overview unless this tag names another kind.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -401,7 +401,7 @@ def _resumable(client: MlflowClient, run_id: str, stage: str, params: dict[str, 
     return (
         run.info.status == "FINISHED"
         and run.info.lifecycle_stage == "active"
-        and f"{TAG_PREFIX}stage.{stage}" not in run.data.tags
+        and stage_done_tag(stage) not in run.data.tags
         and run.data.params == params
     )
 
@@ -421,7 +421,7 @@ def reap_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         pid = run.data.tags.get(TAG_PREFIX + "pid")
         if run.data.tags.get(TAG_PREFIX + "host") != host or not pid or _process_alive(int(pid)):
             continue
-        client.set_tag(run.info.run_id, TAG_PREFIX + "failure", f"process {pid} died without ending the run")
+        client.set_tag(run.info.run_id, FAILURE_TAG, f"process {pid} died without ending the run")
         client.set_terminated(run.info.run_id, status="KILLED")
         reaped.append(run.info.run_id)
     return reaped
@@ -566,23 +566,23 @@ def stage_run(
             else:
                 if not resumed.data.params:
                     mlflow.log_params(flat_params)
-                if TAG_PREFIX + "failure" in resumed.data.tags:  # continuing a killed stage: it is not failed now
-                    client.delete_tag(current, TAG_PREFIX + "failure")
-                    mlflow.set_tag(TAG_PREFIX + "resumed_after", resumed.data.tags[TAG_PREFIX + "failure"][:500])
+                if FAILURE_TAG in resumed.data.tags:  # continuing a killed stage: it is not failed now
+                    client.delete_tag(current, FAILURE_TAG)
+                    mlflow.set_tag(TAG_PREFIX + "resumed_after", resumed.data.tags[FAILURE_TAG][:500])
             mlflow.set_tag(TAG_PREFIX + "stage", stage)
             if training_fingerprint:
                 _mark_training(current, flat_params, training_fingerprint)
             handle = StageRun(current, stage, records)
             yield handle
-            mlflow.set_tag(f"{TAG_PREFIX}stage.{stage}", "done")
+            mlflow.set_tag(stage_done_tag(stage), "done")
             _tag_data_version(client, current, params)
             write_pointer(pointer_out, current, handle.records)
     except (KeyboardInterrupt, Terminated) as interruption:
-        mlflow.set_tag(TAG_PREFIX + "failure", f"{stage}: interrupted ({interruption or 'KeyboardInterrupt'})")
+        mlflow.set_tag(FAILURE_TAG, f"{stage}: interrupted ({interruption or 'KeyboardInterrupt'})")
         mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED))  # still marked: the next execution resumes
         raise
     except BaseException as error:
-        mlflow.set_tag(TAG_PREFIX + "failure", f"{stage}: {type(error).__name__}: {error}"[:5000])
+        mlflow.set_tag(FAILURE_TAG, f"{stage}: {type(error).__name__}: {error}"[:5000])
         mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
         if training_fingerprint:
             _unmark_training(current)  # a failed training is not continued: its next attempt starts a new run
@@ -601,8 +601,8 @@ def _tag_data_version(client: MlflowClient, run_id: str, params: Params) -> None
     if not version:
         return
     run = client.get_run(run_id)
-    if run.data.tags.get(TAG_PREFIX + "data_version") != version:
-        client.set_tag(run_id, TAG_PREFIX + "data_version", version)
+    if run.data.tags.get(DATA_VERSION_TAG) != version:
+        client.set_tag(run_id, DATA_VERSION_TAG, version)
         _log_dataset(workspace_root() / PREPARED_DIR, params, version)
     _name_run(client, run_id, params, version)
 
@@ -697,19 +697,23 @@ def log_keras_model(model_dir: Path) -> None:
     import numpy as np
     from mlflow.models import infer_signature
 
+    from tasks.scoring import keras_progress_bars_off
+
     model = keras.saving.load_model(model_dir / "model.keras")
     example = np.load(model_dir / "input_example.npy")
     signature = infer_signature(example, model.predict(example, verbose=0))
-    mlflow.models.Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=_KerasFlavor,
-        model=model,
-        signature=signature,
-        input_example=example,
-        # Explicit requirements: inferring them runs a pip resolution that costs ~7 s per run.
-        pip_requirements=[f"{name}=={metadata.version(name)}" for name in _model_requirements()],
-    )
+    # MLflow validates the serving input example through the pyfunc, whose predict() shows a `1/1 ━━━━` bar.
+    with keras_progress_bars_off():
+        mlflow.models.Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=_KerasFlavor,
+            model=model,
+            signature=signature,
+            input_example=example,
+            # Explicit requirements: inferring them runs a pip resolution that costs ~7 s per run.
+            pip_requirements=[f"{name}=={metadata.version(name)}" for name in _model_requirements()],
+        )
 
 
 class _KerasFlavor:
@@ -776,7 +780,7 @@ def fail_runs_of_flow_run(flow_run_id: str, reason: str) -> list[str]:
     failed = []
     for run in runs:
         if run.info.status in ("RUNNING", "FINISHED", "SCHEDULED"):
-            client.set_tag(run.info.run_id, TAG_PREFIX + "failure", reason[:5000])
+            client.set_tag(run.info.run_id, FAILURE_TAG, reason[:5000])
             client.set_terminated(run.info.run_id, status="FAILED")
             failed.append(run.info.run_id)
     return failed

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from tasks.errors import UserError
+from tasks.names import GRADIENT_FLAG_TAG, INIT_REASON_TAG, INIT_VERDICT_TAG
 from tasks.params import Params, TrainParams, flatten_params, workspace_root
 from tasks.prepared import PreparedData, batched_dataset
 
@@ -464,15 +465,15 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         diagnostics = [staged.path(layout.INIT_DIAGNOSTICS_FILE), staged.path(layout.INIT_DIAGNOSTICS_PLOT)]
         verdict = diagnose_initialization(params, prepared, *diagnostics)
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
-        set_run_tags(run.run_id, {"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
-                                  "cassava.init_reason": verdict.reason})
+        set_run_tags(run.run_id, {INIT_VERDICT_TAG: "healthy" if verdict.healthy else "bad",
+                                  INIT_REASON_TAG: verdict.reason})
         log_artifacts(run.run_id, diagnostics, "diagnostics")
         try:
             outcome = train_classifier(
                 params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
             )
         except TrainingDiverged as diverged:
-            set_run_tags(run.run_id, {"cassava.gradient_flag": "; ".join(diverged.gradient_flags) or "none"})
+            set_run_tags(run.run_id, {GRADIENT_FLAG_TAG: "; ".join(diverged.gradient_flags) or "none"})
             raise
         save_training_outputs(outcome, prepared, staged.path(layout.MODEL_DIR), staged.path(layout.HISTORY_FILE),
                               staged.path(layout.TRAIN_SUMMARY_FILE))
@@ -483,9 +484,9 @@ def run_train(params: Params, run_id: str | None = None) -> str:
                 "train",
                 metrics={**{f"train.{key}": value for key, value in outcome.summary.metrics().items()},
                          "init.variance_ratio": min(verdict.variance_ratio, 1e30), **outcome.metrics},
-                tags={"cassava.init_verdict": "healthy" if verdict.healthy else "bad",
-                      "cassava.init_reason": verdict.reason,
-                      "cassava.gradient_flag": "; ".join(outcome.summary.gradient_flags) or "none", **outcome.tags},
+                tags={INIT_VERDICT_TAG: "healthy" if verdict.healthy else "bad",
+                      INIT_REASON_TAG: verdict.reason,
+                      GRADIENT_FLAG_TAG: "; ".join(outcome.summary.gradient_flags) or "none", **outcome.tags},
                 artifacts=[
                     (layout.HISTORY_FILE.as_posix(), "training"),
                     (layout.TRAIN_SUMMARY_FILE.as_posix(), "training"),
