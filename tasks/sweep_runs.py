@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,6 +57,10 @@ class PointJob:
     experiment_id: str
     tracking_uri: str
     threads: int | None  # TensorFlow intra-op threads; None: TensorFlow's default (all cores)
+    # The sweep's own process: a point on the same host stops when it dies, without waiting for Dask's worker
+    # (its direct parent) to notice that the scheduler inside the sweep is gone, which can take a minute.
+    sweep_host: str = ""
+    sweep_pid: int = 0
 
     @property
     def outcome_file(self) -> Path:
@@ -80,7 +85,7 @@ def point_jobs(points: Sequence[dict[str, Any]], keys: Sequence[str], sweep_dir:
         make_point_workspace(workspace, prepared_dir)
         overrides = [*point_overrides(point), f"tracking.run_name={label}", "registry.enabled=false"]
         jobs.append(PointJob(number, dict(point), label, overrides, str(params_file), str(workspace), parent_run_id,
-                             experiment_id, tracking_uri, threads))
+                             experiment_id, tracking_uri, threads, socket.gethostname(), os.getpid()))
     return jobs
 
 
@@ -132,11 +137,19 @@ def read_outcome(job: PointJob) -> dict[str, Any]:
         return {}
 
 
-def _stop_when_orphaned(launcher_pid: int) -> None:
-    """Watch the launching process; when it is gone, SIGTERM this one (the stage ends its run KILLED),
-    then SIGKILL it if it has not exited after a grace period."""
+def _stop_when_orphaned(launcher_pid: int, sweep_pid: int | None) -> None:
+    """Watch the launching process (and the sweep's, when on this host); when one is gone, SIGTERM this one
+    (the stage ends its run KILLED), then SIGKILL it if it has not exited after a grace period."""
+    import psutil
+
+    def sweep_alive() -> bool:
+        try:  # a SIGKILLed sweep can linger as a zombie until its parent reaps it: that is gone too
+            return psutil.Process(sweep_pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     def watch() -> None:
-        while os.getppid() == launcher_pid:
+        while os.getppid() == launcher_pid and (not sweep_pid or sweep_alive()):
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(KILL_GRACE_S)
@@ -307,7 +320,7 @@ def plot_metric_vs_keys(results: Sequence[PointResult], keys: Sequence[str], met
 def main(argv: Sequence[str]) -> int:
     """`python -m tasks.sweep_runs <job.json>`: one point, in this process."""
     job = PointJob(**json.loads(Path(argv[0]).read_text()))
-    _stop_when_orphaned(os.getppid())
+    _stop_when_orphaned(os.getppid(), job.sweep_pid if job.sweep_host == socket.gethostname() else None)
     run_point(job)
     return 0
 
