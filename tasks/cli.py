@@ -36,6 +36,7 @@ STAGE_ACTIVITY: dict[str, str] = {
     "prepare": "validating, de-duplicating and splitting data/raw",
     "train": "loading TensorFlow, building the model",
     "evaluate": "loading TensorFlow and the model, scoring the test split",
+    "register": "gating the evaluated model against the registry's champion",
     "pretrain": "acquiring, preparing and training on the source data set in pretrain/",
 }
 

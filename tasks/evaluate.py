@@ -108,7 +108,6 @@ def explain_model(
 
     log.info("evaluate: robustness curves (rotation, flip, blur) on %d test images", len(test_labels))
     predict = analysis.prediction_function(model, settings.batch_size)
-    log.info("evaluate: robustness curves (rotation, flip, blur)")
     curves = {
         "rotation (degrees)": analysis.robustness_curve(predict, test_images, test_labels, analysis.rotate_images,
                                                         settings.rotation_angles),
@@ -130,7 +129,6 @@ def explain_model(
     metrics["test_sharp_accuracy"] = sharpness["sharp_accuracy"]
     metrics["test_blurry_accuracy"] = sharpness["blurry_accuracy"]
 
-    log.info("evaluate: Grad-CAM saliency and the train/test shift test")
     sample = analysis.sample_per_class(test_labels, settings.saliency_per_class, settings.seed)
     saliency_png = figures_dir / "saliency.png"
     if sample:
