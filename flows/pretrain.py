@@ -25,6 +25,7 @@ import typer  # noqa: E402
 from flows.train_pipeline import run_stage  # noqa: E402  (sets Prefect's logging up before Prefect loads)
 from prefect import flow  # noqa: E402
 from flows.prefect_api import prefect_api  # noqa: E402
+from tasks.cli import OverridesOption  # noqa: E402
 from tasks.errors import quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
@@ -46,9 +47,7 @@ def pretrain_flow(overrides: list[str] | None = None, params_file: str | None = 
 
 @app.command()
 def main(
-    overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
-    ] = None,
+    overrides: OverridesOption = None,
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Pretrain a backbone on the source data set under Prefect and say how to start from it."""

@@ -49,7 +49,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from flows.notifications import notify_failure  # noqa: E402
 from flows.prefect_api import prefect_api  # noqa: E402
 from flows.stage_cache import output_hashes, outputs_intact, stage_cache_key  # noqa: E402
-from tasks.cli import quiet_libraries, stage_entry  # noqa: E402
+from tasks.cli import OverridesOption, ProfileOption, quiet_libraries, stage_entry  # noqa: E402
 from tasks.params import Params  # noqa: E402
 
 # Errors that can pass on their own: a timeout, a dropped connection, a network share or disk that hiccups.
@@ -143,11 +143,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
-    ] = None,
+    overrides: OverridesOption = None,
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
-    profile: Annotated[Optional[str], typer.Option("--profile", help="Params profile, e.g. real-photos.")] = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Run the cassava training pipeline once under Prefect and say where to look."""
     from tasks.preflight import preflight

@@ -28,6 +28,7 @@ from flows.pretrain import pretrain_flow  # noqa: E402  (sets Prefect's logging 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 from flows.prefect_api import prefect_api  # noqa: E402
+from tasks.cli import OverridesOption  # noqa: E402
 from tasks.errors import quiet_expected_failures, run_command_line  # noqa: E402
 from tasks.params import Params, load_params  # noqa: E402
 
@@ -77,7 +78,7 @@ def main(
     seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds per size (repeatable).")] = None,
     epochs: Annotated[int, typer.Option(help="Epoch budget of every trial.")] = 12,
     source: Annotated[Optional[str], typer.Option(help="Pretrained model URI; default: pretrain one first.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a param.")] = None,
+    overrides: OverridesOption = None,
     params_file: Annotated[Optional[str], typer.Option("--params", help="Params file (default: params.yaml).")] = None,
 ) -> None:
     """Measure from scratch vs pretrained on small training sets; print the comparison table."""
