@@ -184,24 +184,15 @@ def training_fingerprint(params: Params, prepared: PreparedData) -> str:
     return digest.hexdigest()
 
 
-def _backed_up_epochs(backup_dir: Path) -> int:
-    """Epochs whose weights BackupAndRestore holds (its own metadata file), 0 if none."""
-    metadata = backup_dir / "training_metadata.json"
-    if not (metadata.exists() and (backup_dir / "latest.weights.h5").exists()):
-        return 0
-    try:
-        return int(json.loads(metadata.read_text())["epoch"])
-    except (ValueError, KeyError):  # cut short by a kill: start over rather than guess
-        return 0
-
-
 def load_progress(backup_dir: Path, fingerprint: str) -> Progress | None:
     """The saved progress of this same training, cut to the epochs whose weights are backed up (a kill can
     fall between the two saves), or None: a different training's or an inconsistent backup is discarded."""
+    from tasks.backup import backed_up_epochs
+
     progress_file = Progress.file(backup_dir)
     if progress_file.exists():
         saved = Progress(**json.loads(progress_file.read_text()))
-        epochs = _backed_up_epochs(backup_dir)
+        epochs = backed_up_epochs(backup_dir)
         if saved.fingerprint != fingerprint:
             log.info("train: discarding a backup of a different training (params or data changed)")
         elif 0 < epochs <= len(saved.history):
@@ -275,9 +266,9 @@ def _callbacks(
     ))
     callbacks.append(EpochRecorder())  # after the callbacks whose counters it snapshots
     if params.train.resume:
-        # Last, so the progress file is never behind the weights; double_checkpoint keeps the previous epoch's
-        # weights should a kill interrupt the write of the latest.
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False))
+        from tasks.backup import AtomicBackupAndRestore
+
+        callbacks.append(AtomicBackupAndRestore(backup_dir))  # last, so the progress file is never behind the weights
     return callbacks
 
 
