@@ -243,6 +243,9 @@ class TrainParams(_Section):
     divergence_factor: Annotated[float, Field(gt=1.0)] = 1000.0
     # Back up every epoch; a killed training started again continues from the last finished epoch.
     resume: bool = True
+    # Train on this many images per class of the training split (drawn with train.seed); None: all of it.
+    # The lessons study's small-data arms (overfitting, transfer) use it; validation and test stay whole.
+    subset_per_class: PositiveInt | None = None
     seed: Seed = 42
 
 
@@ -346,6 +349,30 @@ class RetrainScheduleParams(_Section):
         return self
 
 
+def _check_seeds(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"study.seeds = {seeds}: each seed once (a repeated seed adds no information)")
+    return seeds
+
+
+class StudyParams(_Section):
+    """The lessons study (`python -m flows.lessons_study`, tasks/lessons.py): every arm's training budget, the
+    seeds, and the verdict rule's settings. The model is model.conv_filters / dense_units; the study switches
+    the extras (batch norm, dropout, schedules, early stopping, augmentation) off except where a lesson tests one."""
+
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=20), AfterValidator(_check_seeds)] = [0, 1, 2]
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 12  # every arm (transfer: head + fine-tuning epochs)
+    train_per_class: PositiveInt | None = None  # lessons 1-3 and 6: images per class trained on; None: all
+    small_per_class: PositiveInt = 20  # lessons 4 (overfitting) and 5 (transfer at limited data)
+    modest_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.002  # Adam, lessons 1-4 and 6
+    high_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.02  # lesson 3
+    sgd_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.02  # lesson 2, with and without momentum
+    target_accuracy: Fraction = 0.3  # "epochs to target" counts epochs until validation accuracy reaches it
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95  # of the t-interval over seeds
+    margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.02  # effects within +-margin are no effect (a clean tie)
+    workers: PositiveInt | None = None  # arms trained at once (default: one per core)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -356,6 +383,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     pretrain: PretrainParams = PretrainParams()
     schedule: RetrainScheduleParams = RetrainScheduleParams()
+    study: StudyParams = StudyParams()
 
     @model_validator(mode="after")
     def _backbone_sees_enough_pixels(self) -> "Params":

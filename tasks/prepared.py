@@ -105,3 +105,10 @@ def batched_dataset(
             indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
         batches = indices.batch(batch_size)
     return batches.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of `per_class` images of every class (all of a class that has fewer), drawn by `seed`."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))

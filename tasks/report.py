@@ -175,7 +175,7 @@ class ReportSection:
     table: TableData | None = None
 
 
-_STYLE = """
+REPORT_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { border-bottom: 2px solid #2e7d32; padding-bottom: 0.2em; }
 h2 { color: #2e7d32; margin-top: 1.6em; }
@@ -208,7 +208,7 @@ def write_html_report(
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{REPORT_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     if header:

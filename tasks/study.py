@@ -22,7 +22,7 @@ import numpy as np
 
 from tasks.backbones import SourceModel
 from tasks.params import Params, apply_overrides, validate_params
-from tasks.prepared import PreparedData
+from tasks.prepared import PreparedData, per_class_subset
 
 log = logging.getLogger(__name__)
 ARMS = ("scratch", "pretrained")
@@ -39,22 +39,19 @@ class Trial:
     seconds: float = 0.0
 
 
-def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Sorted indices of `per_class` images of every class (all of a class that has fewer), drawn by `seed`."""
-    rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
-    return np.sort(np.concatenate(chosen))
+def arm_overrides(arm: str, source: SourceModel, epochs: int, seed: int) -> list[str]:
+    """The overrides of one arm: the CNN from scratch, or the source's backbone with a new head, with the same
+    epoch budget (the pretrained arm splits it between head training and fine-tuning)."""
+    common = [f"train.epochs={epochs}", f"train.seed={seed}", "train.resume=false"]
+    if arm == "scratch":
+        return [*common, "model.backbone=none", "model.backbone_weights=none"]
+    return [*common, f"model.backbone={source.backbone}", f"model.backbone_weights={source.uri}",
+            f"transfer.head_epochs={epochs // 2}", f"transfer.fine_tune_epochs={epochs - epochs // 2}"]
 
 
 def arm_params(params: Params, arm: str, source: SourceModel, epochs: int, seed: int) -> Params:
-    """The params of one arm: the CNN from scratch, or the source's backbone with a new head."""
-    common = [f"train.epochs={epochs}", f"train.seed={seed}", "train.resume=false"]
-    if arm == "scratch":
-        overrides = [*common, "model.backbone=none", "model.backbone_weights=none"]
-    else:
-        overrides = [*common, f"model.backbone={source.backbone}", f"model.backbone_weights={source.uri}",
-                     f"transfer.head_epochs={epochs // 2}", f"transfer.fine_tune_epochs={epochs - epochs // 2}"]
-    return validate_params(apply_overrides(params.model_dump(), overrides))
+    """The params of one arm (see arm_overrides)."""
+    return validate_params(apply_overrides(params.model_dump(), arm_overrides(arm, source, epochs, seed)))
 
 
 def run_trial(params: Params, prepared: PreparedData, arm: str, per_class: int, seed: int, source: SourceModel,

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,6 +61,8 @@ class PointJob:
     # (its direct parent) to notice that the scheduler inside the sweep is gone, which can take a minute.
     sweep_host: str = ""
     sweep_pid: int = 0
+    tags: dict[str, str] = field(default_factory=dict)  # more tags of the child run (e.g. a study's arm key)
+    evaluate: bool = True  # false: train only (a study arm whose claims read training metrics only)
 
     @property
     def outcome_file(self) -> Path:
@@ -74,19 +76,25 @@ class PointJob:
 def point_jobs(points: Sequence[dict[str, Any]], keys: Sequence[str], sweep_dir: Path, prepared_dir: Path,
                params_file: Path, parent_run_id: str, experiment_id: str, tracking_uri: str,
                threads: int | None) -> list[PointJob]:
-    """A job per point, each with its workspace made: the point's overrides plus the child's own (its run
-    name says the point; the registry gate is the parent's, see the module doc)."""
+    """A job per point, each with its workspace made (see point_job)."""
     from tasks.sweep import describe_point, point_overrides
 
-    jobs = []
-    for number, point in enumerate(points, start=1):
-        label = describe_point(point, keys)
-        workspace = sweep_dir / f"point-{number:02d}"
-        make_point_workspace(workspace, prepared_dir)
-        overrides = [*point_overrides(point), f"tracking.run_name={label}", "registry.enabled=false"]
-        jobs.append(PointJob(number, dict(point), label, overrides, str(params_file), str(workspace), parent_run_id,
-                             experiment_id, tracking_uri, threads, socket.gethostname(), os.getpid()))
-    return jobs
+    return [point_job(number, point, describe_point(point, keys), point_overrides(point),
+                      sweep_dir / f"point-{number:02d}", prepared_dir, params_file, parent_run_id, experiment_id,
+                      tracking_uri, threads)
+            for number, point in enumerate(points, start=1)]
+
+
+def point_job(number: int, point: dict[str, Any], label: str, overrides: Sequence[str], workspace: Path,
+              prepared_dir: Path, params_file: Path, parent_run_id: str, experiment_id: str, tracking_uri: str,
+              threads: int | None, tags: dict[str, str] | None = None, evaluate: bool = True) -> PointJob:
+    """One point's job, its workspace made: the point's overrides plus the child's own (its run name is the
+    label; the registry gate is the parent's, see the module doc)."""
+    make_point_workspace(workspace, prepared_dir)
+    overrides = [*overrides, f"tracking.run_name={label}", "registry.enabled=false"]
+    return PointJob(number, dict(point), label, overrides, str(params_file), str(workspace), parent_run_id,
+                    experiment_id, tracking_uri, threads, socket.gethostname(), os.getpid(), dict(tags or {}),
+                    evaluate)
 
 
 def make_point_workspace(workspace: Path, prepared_dir: Path) -> None:
@@ -184,13 +192,14 @@ def run_point(job: PointJob) -> None:
     _set_tensorflow_threads(job.threads)
     configure_tracking()
     client = MlflowClient()
-    tags = {PARENT_TAG: job.parent_run_id, ROLE_TAG: "child", POINT_TAG: str(job.number), **lineage_tags()}
+    tags = {PARENT_TAG: job.parent_run_id, ROLE_TAG: "child", POINT_TAG: str(job.number), **lineage_tags(), **job.tags}
     run_id = client.create_run(job.experiment_id, run_name=job.label, tags=tags).info.run_id
     job.outcome_file.write_text(json.dumps({"run_id": run_id}))
     started = time.monotonic()
     try:
         run_train(params, run_id)
-        run_evaluate(params, run_id)
+        if job.evaluate:
+            run_evaluate(params, run_id)
     except BaseException as error:
         if client.get_run(run_id).info.status == "RUNNING":  # failed before a stage could end it
             client.set_tag(run_id, FAILURE_TAG, f"sweep point: {type(error).__name__}: {error}"[:5000])

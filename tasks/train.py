@@ -25,7 +25,7 @@ import numpy as np
 from tasks.errors import UserError
 from tasks.names import GRADIENT_FLAG_TAG, INIT_REASON_TAG, INIT_VERDICT_TAG
 from tasks.params import Params, TrainParams, flatten_params, workspace_root
-from tasks.prepared import PreparedData, batched_dataset
+from tasks.prepared import PreparedData, batched_dataset, per_class_subset
 
 if TYPE_CHECKING:
     import keras
@@ -305,12 +305,15 @@ def train_classifier(
     train_indices: np.ndarray | None = None,
 ) -> TrainingOutcome:
     """Fit a new classifier (or continue `progress`); return the final model, its summary and history.
-    `train_indices` trains on that subset of the training split (the limited-data learning curve)."""
+    `train_indices` trains on that subset of the training split (the limited-data learning curve); else
+    `train.subset_per_class` draws one."""
     import keras
 
     from tasks.guards import AppliedGradientNorm, DivergenceGuard
     from tasks.model import build_classifier
 
+    if train_indices is None and params.train.subset_per_class:
+        train_indices = per_class_subset(prepared.split("train")[1], params.train.subset_per_class, params.train.seed)
     if params.model.is_transfer:  # a backbone: two-phase training (head, then fine-tuning)
         from tasks.transfer import train_transfer
 
