@@ -114,7 +114,9 @@ def lessons_study(overrides: list[str] | None = None, params_file: str | None = 
     lesson_runs: dict[str, str] = {}
     try:
         if not continued:
-            client.log_batch(study_run, params=[_param(k, v) for k, v in flatten_params(params).items()])
+            flat = [_param(k, v) for k, v in flatten_params(params).items()]
+            for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+                client.log_batch(study_run, params=flat[start:start + 100])
             client.set_tag(study_run, runs.DATA_VERSION_TAG, str(data_version))
         source = transfer_source(client, study_run, params, overrides, params_file)
         transfer = {(arm, seed): arm_overrides(arm, source, study.epochs, seed) for arm in ARMS for seed in study.seeds}

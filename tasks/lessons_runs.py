@@ -41,9 +41,12 @@ PARENT_TAG = "mlflow.parentRunId"
 MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui` as the README starts it: where the report's run links point
 REPORT_DIR = Path("reports/study")
 REPORT_ARTIFACTS = "study"
-# Values shown per arm in the report (when an arm has them).
-SHOWN_VALUES = ("val_accuracy", "test_accuracy", "epochs_to_target", "generalization_gap", "init_log10_variance_ratio",
-                "test_accuracy_rotation_max", "test_sharp_accuracy", "test_blurry_accuracy", "test_shift_auc")
+
+
+def claim_metrics(lesson: Lesson) -> list[str]:
+    """The values a lesson's claims compare (both sides), in claim order: what its report shows per arm."""
+    return list(dict.fromkeys(measure.metric for claim in lesson.claims for measure in (claim.better, claim.worse)
+                              if measure.arm is not None))
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
@@ -56,7 +59,8 @@ def _reopen(client: "MlflowClient", run: "Run") -> str:
     from tasks.tracking import lineage_tags
 
     client.update_run(run.info.run_id, status="RUNNING")
-    client.delete_tag(run.info.run_id, FAILURE_TAG) if FAILURE_TAG in run.data.tags else None
+    if FAILURE_TAG in run.data.tags:  # continued: it is not failed now
+        client.delete_tag(run.info.run_id, FAILURE_TAG)
     for key, value in lineage_tags().items():
         client.set_tag(run.info.run_id, key, value)
     return run.info.run_id
@@ -160,8 +164,11 @@ def _per_arm_curves(client: "MlflowClient", runs: Mapping[tuple[str, int], "Run"
 def _artifact_json_or_csv(run_id: str, path: str) -> Any:
     import csv
 
+    import os
+
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file drowns the progress lines
     with tempfile.TemporaryDirectory() as folder:
         try:
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder))
@@ -182,7 +189,7 @@ def plot_lesson(client: "MlflowClient", lesson: Lesson, runs: Mapping[tuple[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = list(dict.fromkeys(claim.better.metric for claim in lesson.claims))
+    metrics = claim_metrics(lesson)
     extra = lesson.key in ("initialization", "failure_cases")
     panels = 1 + len(metrics) + (2 if lesson.key == "failure_cases" else int(extra))
     figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
@@ -241,7 +248,8 @@ def lesson_markdown(lesson: Lesson, found: Sequence[Verdict], values: Mapping[tu
     """A lesson's section: the question, its run, the claims with verdicts, the arms with their runs, the plot."""
     claims = [{"claim": verdict.claim, "compared": verdict.compared, f"effect ({confidence:.0%} CI)": format_effect(verdict),
                "seeds": verdict.seeds, "verdict": f"**{verdict.outcome}**"} for verdict in found]
-    shown = [name for name in SHOWN_VALUES if any(name in per_seed for per_seed in values.values())]
+    shown = [name for name in dict.fromkeys(["val_accuracy", "test_accuracy", *claim_metrics(lesson)])
+             if any(name in per_seed for per_seed in values.values())]
     arms = []
     for arm in lesson.arms:
         row: dict[str, Any] = {"arm": arm}

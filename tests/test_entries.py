@@ -51,6 +51,8 @@ def params_workspace(tmp_path: Path) -> Path:
         ("flows.train_pipeline", ["-S", "data.source=folder", "-S", "data.root=no/such/photos"],
          "error: data.root = 'no/such/photos': no such folder"),
         ("flows.predict", ["no/such/folder"], "error: no/such/folder is not a folder"),
+        ("flows.lessons_study", ["-S", "study.seeds=[1, 1]"],
+         "error: invalid params: study.seeds = [1, 1]: each seed once"),
         ("tasks.cli", ["train"], "error: train: data/prepared is missing: run the prepare stage first"),
         ("tasks.predict", ["no/such/folder"], "error: no/such/folder is not a folder"),
         ("tasks.cli", ["train", "--epochs", "3"],

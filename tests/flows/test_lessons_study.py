@@ -118,6 +118,10 @@ def test_quick_study_interrupted_then_restarted_reuses_finished_trials(workspace
                 assert key not in completed_runs, f"{key} trained twice"
                 completed_runs[key] = run
     assert len(completed_runs) == len(trials)
+    for run in completed_runs.values():  # the small-data lessons trained on their subset, the others on theirs
+        small = run.data.tags["cassava.study.lesson"] in ("overfitting", "transfer")
+        assert run.data.params["train.subset_per_class"] == str(params.study.small_per_class if small
+                                                               else params.study.train_per_class)
     assert {run.info.run_id for run in completed_runs.values()} >= set(finished_before)
 
     # The report: every section, every lesson run linked, plots embedded; written and logged on the study run.
@@ -188,3 +192,19 @@ def test_same_trial_twice_with_the_same_seed_gives_the_same_numbers(workspace: P
                                            params.study, 5),
                       "loss": history(client, run.info.run_id, "loss")} for run in runs)
     assert first == second and len(first["loss"]) == 3
+
+
+def test_the_study_stage_is_outside_the_default_pipeline_and_names_real_inputs() -> None:
+    import yaml
+
+    from tasks.params import Params
+
+    root = code_root()
+    (stage,) = yaml.safe_load((root / "pipelines/study/dvc.yaml").read_text())["stages"].values()
+    assert stage["cmd"] == "python -m flows.lessons_study --use-prepared"  # the flow itself: one definition
+    assert "data/prepared" in stage["deps"]  # the main pipeline's prepared data, not a copy
+    assert all((root / dep).exists() for dep in stage["deps"] if dep != "data/prepared")
+    assert set(stage["params"]) <= set(Params.model_fields) and "study" in stage["params"]
+    assert [next(iter(out)) for out in stage["outs"]] == ["reports/study"]
+    default = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    assert not any("lessons_study" in str(definition["cmd"]) for definition in default.values())
