@@ -58,12 +58,12 @@ def transfer_source(client: Any, study_run: str, params: Params, base_overrides:
     study's budget, in the study's own folder (the pipeline's pretrain/ and models/pretrained.json stay as
     they are), and recorded on the study run."""
     from tasks.backbones import describe_source
-    from tasks.lessons import lessons, trial_overrides
+    from tasks.lessons import source_overrides
     from tasks.lessons_runs import SOURCE_TAG
 
     uri = client.get_run(study_run).data.tags.get(SOURCE_TAG)
     if not uri:
-        budget = trial_overrides(params.study, lessons(params)[0], "glorot", params.study.seeds[0])
+        budget = source_overrides(params.study)
         folder = workspace_root() / TRIALS_FOLDER / study_run / "source"
         folder.mkdir(parents=True, exist_ok=True)
         params_path = str(Path(params_file).resolve()) if params_file else str(workspace_root() / DEFAULT_PARAMS_FILE)

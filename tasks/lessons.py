@@ -244,12 +244,25 @@ def yaml_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
 
 
+def _budget(study: StudyParams) -> dict[str, Any]:
+    return {**STUDY_BASE, "train.epochs": study.epochs, "train.subset_per_class": study.train_per_class,
+            "train.learning_rate": study.modest_learning_rate}
+
+
+def _as_overrides(keys: Mapping[str, Any]) -> list[str]:
+    return [f"{key}={yaml_value(value)}" for key, value in keys.items()]
+
+
 def trial_overrides(study: StudyParams, lesson: Lesson, arm: str, seed: int, source_overrides: Sequence[str] = ()) -> list[str]:
     """Study base, the training budget, the lesson's fixed keys, the arm's keys, the seed: later wins."""
-    keys = {**STUDY_BASE, "train.epochs": study.epochs, "train.subset_per_class": study.train_per_class,
-            "train.learning_rate": study.modest_learning_rate, **lesson.fixed, **lesson.arms[arm],
-            "train.seed": seed}
-    return [*(f"{key}={yaml_value(value)}" for key, value in keys.items()), *source_overrides]
+    return [*_as_overrides({**_budget(study), **lesson.fixed, **lesson.arms[arm], "train.seed": seed}),
+            *source_overrides]
+
+
+def source_overrides(study: StudyParams) -> list[str]:
+    """The pretraining run lesson 5 starts from: the study's model and budget, on the whole source set (params'
+    `pretrain.overrides` on top), with the first seed."""
+    return _as_overrides({**_budget(study), "train.subset_per_class": None, "train.seed": study.seeds[0]})
 
 
 def plan_trials(study: StudyParams, lesson_list: Sequence[Lesson],

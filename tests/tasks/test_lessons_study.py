@@ -9,7 +9,7 @@ import pytest
 
 from tasks.lessons import (DOES_NOT_HOLD, EPOCHS_TO_TARGET, GAP, HOLDS, INCONCLUSIVE, INIT_SPREAD, TEST_ACCURACY,
                            VAL_ACCURACY, Claim, Measure, arm_values, epochs_to_target, judge, lessons,
-                           paired_differences, plan_trials, study_key, trial_key, verdicts)
+                           paired_differences, plan_trials, source_overrides, study_key, trial_key, verdicts)
 from tasks.params import ParamsError, validate_params
 from tests.conftest import tiny_params_tree
 
@@ -111,6 +111,8 @@ def test_plan_holds_everything_but_the_arm_fixed() -> None:
             assert {item.split("=")[0] for item in arm_overrides - shared} <= set().union(*map(set, lesson.arms.values()))
     keys = {trial_key("k", trial) for trial in trials}
     assert len(keys) == len(trials)  # a restart can tell every trial apart
+    source = validate_params(tiny_params_tree([*source_overrides(params.study)]))  # lesson 5's pretraining run
+    assert source.train.subset_per_class is None and source.train.epochs == 7 and source.train.seed == 3
 
 
 def test_study_key_changes_with_params_and_data_version() -> None:
