@@ -256,16 +256,25 @@ def unique_run_name(base: str, taken: Iterable[str], current: str | None = None)
 
 
 def _name_run(client: MlflowClient, run_id: str, params: Params, data_version: str | None) -> None:
+    """Name the run after its params, unique in its experiment. Two runs started at the same instant can both
+    see the name free: after naming, the one that started later (ties broken by run id) moves on, so both
+    sides settle on different names without a lock."""
     run = client.get_run(run_id)
     base = describe_run(params, data_version)
     prefix = re.split(r"['\\]", base)[0]  # quotes cannot be escaped in a filter: match on what precedes them
-    others = client.search_runs(
-        [run.info.experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'", max_results=5000
-    )
-    taken = {other.info.run_name for other in others if other.info.run_id != run_id}
-    name = unique_run_name(base, taken, run.info.run_name)
-    if name != run.info.run_name:
-        client.update_run(run_id, name=name)
+    order = (run.info.start_time or 0, run_id)
+    current = run.info.run_name
+    for _ in range(20):
+        others = [
+            (other.info.run_name, (other.info.start_time or 0, other.info.run_id))
+            for other in client.search_runs(
+                [run.info.experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'", max_results=5000
+            ) if other.info.run_id != run_id
+        ]
+        if current == unique_run_name(base, {name for name, started in others if started < order}, current):
+            return  # no run that started earlier holds our name: later ones move, not us
+        current = unique_run_name(base, {name for name, _ in others})
+        client.update_run(run_id, name=current)
 
 
 def dvc_data_version(prepared_dir: Path) -> str | None:
