@@ -254,7 +254,8 @@ def test_repeated_run_names_get_a_number(taken: list[str], current: str | None, 
 def test_two_runs_named_at_the_same_instant_end_with_different_names(workspace: Path, tiny_params: Params) -> None:
     import threading
 
-    from tasks.tracking import _name_run
+    from tasks.names import NAME_KEY_TAG
+    from tasks.tracking import _name_run, name_key
 
     configure_tracking()
     experiment_id = ensure_experiment(experiment_name(tiny_params))
@@ -272,8 +273,9 @@ def test_two_runs_named_at_the_same_instant_end_with_different_names(workspace: 
                 both_looked.wait()
             return found
 
-    first = MlflowClient().create_run(experiment_id, run_name="starting").info.run_id
-    second = MlflowClient().create_run(experiment_id, run_name="starting").info.run_id
+    tags = {NAME_KEY_TAG: name_key(tiny_params)}  # as stage_run creates its runs
+    first = MlflowClient().create_run(experiment_id, run_name="starting", tags=tags).info.run_id
+    second = MlflowClient().create_run(experiment_id, run_name="starting", tags=tags).info.run_id
     threads = [threading.Thread(target=_name_run, args=(RacingClient(), run_id, tiny_params, None))
                for run_id in (first, second)]
     for thread in threads:
