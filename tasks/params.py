@@ -244,6 +244,11 @@ class TrainParams(_Section):
     # Back up every epoch; a killed training started again continues from the last finished epoch.
     resume: bool = True
     seed: Seed = 42
+    # Deterministic kernels (tf.config.experimental.enable_op_determinism): the same params and data give the
+    # same metrics. Costs nothing measurable on CPU (bench/throughput.py); false only for a speed experiment.
+    deterministic: bool = True
+    # XLA-compile the training step (Keras `jit_compile`). Off: on this CPU it was not faster (bench/throughput.py).
+    jit_compile: bool = False
 
 
 class EvaluateParams(_Section):

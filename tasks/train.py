@@ -64,13 +64,18 @@ class TrainingDiverged(UserError, RuntimeError):
         self.gradient_flags = gradient_flags
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and TensorFlow seeds, plus deterministic kernels (slightly slower, same result each run)."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Python, NumPy and TensorFlow seeds, plus deterministic kernels (`train.deterministic`: same result each
+    run). The kernel choice is process-wide, so it is set both ways: a sweep point or a test that ran a
+    non-deterministic training before must not leave the next one non-reproducible."""
     import keras
-    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config  # disable_op_determinism has no public alias
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def learning_rate_schedule(train: TrainParams, steps_per_epoch: int) -> "float | keras.optimizers.schedules.LearningRateSchedule":
@@ -117,6 +122,12 @@ def build_optimizer(train: TrainParams, steps_per_epoch: int) -> "keras.optimize
             rate, weight_decay=train.weight_decay, beta_1=train.beta_1, beta_2=train.beta_2, epsilon=train.epsilon, **clipping
         )
     return keras.optimizers.Adam(rate, beta_1=train.beta_1, beta_2=train.beta_2, epsilon=train.epsilon, **clipping)
+
+
+def compile_classifier(model: "keras.Model", train: TrainParams, steps_per_epoch: int) -> None:
+    """The optimizer, loss and metrics every training path uses, with `train.jit_compile` (XLA) applied."""
+    model.compile(optimizer=build_optimizer(train, steps_per_epoch), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=train.jit_compile)
 
 
 def balanced_class_weight(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -315,7 +326,7 @@ def train_classifier(
         from tasks.transfer import train_transfer
 
         return train_transfer(params, prepared, checkpoint_file, backup_dir, on_epoch, progress, train_indices)
-    seed_everything(params.train.seed)
+    seed_everything(params.train.seed, params.train.deterministic)
     train_images, train_labels = prepared.split("train")
     if train_indices is not None:
         train_images, train_labels = train_images[np.sort(train_indices)], train_labels[np.sort(train_indices)]
@@ -328,9 +339,7 @@ def train_classifier(
 
     log.info("train: building the model (conv blocks %s) and measuring its initialization", params.model.conv_filters)
     model = build_classifier(params.model, params.data.image_size, class_count, params.train.seed)
-    model.compile(
-        optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    compile_classifier(model, params.train, steps_per_epoch)
     guard = DivergenceGuard(params.train.divergence_factor, progress.reference_loss,
                             lambda loss: setattr(progress, "reference_loss", loss))
     guards = [AppliedGradientNorm(model.optimizer), guard]
@@ -410,7 +419,7 @@ def diagnose_initialization(params: Params, prepared: PreparedData, table: Path,
     from tasks.diagnostics import judge_initialization, probe_initialization, write_initialization_report
     from tasks.model import build_classifier
 
-    seed_everything(params.train.seed)
+    seed_everything(params.train.seed, params.train.deterministic)
     images, labels = prepared.split("train")
     model = build_classifier(params.model, params.data.image_size, len(prepared.class_names()), params.train.seed)
     statistics = probe_initialization(model, np.asarray(images[:PROBE_BATCH], dtype=np.float32), labels[:PROBE_BATCH])

@@ -1,0 +1,401 @@
+"""Training throughput of the default model against this machine's roofline, and what op determinism, XLA
+(`jit_compile`) and TensorFlow's thread pools change.
+
+Two parts, in one run:
+
+1. Limits and the per-layer roofline (in this process). The float32 matmul rate (tf.linalg.matmul 2048 x 2048,
+   best of three) is the compute peak; the memory bandwidth is a large elementwise add (TensorFlow `a + b` on
+   32 M floats: 3 x 128 MB moved; numpy's copy is printed next to it). For each layer of the default model
+   (`tasks.model.build_classifier`, params.yaml), the FLOPs and bytes of one training step per image are
+   counted from the layer shapes (model below), giving its arithmetic intensity and its roofline time
+   max(FLOPs / peak, bytes / bandwidth): the layer is compute- or bandwidth-bound. The sum over the layers is
+   the roofline bound of a training step. Each layer is also timed alone (forward + backward of that layer on
+   a batch, in a tf.function, training mode), and the optimizer's update alone, so the measured step can be
+   split into layers, optimizer and the rest (loss, metrics, Keras' step loop, input pipeline).
+
+2. Settings (one fresh child process per run: op determinism and thread pools are process-wide and fixed once
+   TensorFlow starts). Each child trains the project's model the project's way (`seed_everything`,
+   `build_classifier`, `compile_classifier` with `train.deterministic` / `train.jit_compile`, `fit` on
+   `tasks.prepared.batched_dataset`), on random uint8 images (throughput does not depend on pixel values):
+   one warm-up epoch, then --epochs timed epochs (Keras epoch begin to end). Variants are interleaved, their
+   order rotated every repeat; medians are reported, with CPU time per step (all threads of the child).
+
+FLOP and byte model, per image, float32 (4 bytes), training = forward + backward:
+  conv / dense   FLOPs 3 x 2·MACs (forward, gradient w.r.t. input, w.r.t. weights); bytes 3 x (input + output
+                 + weights / batch): each of the three passes reads two of the tensors and writes the third.
+                 The first conv needs no input gradient (nothing trainable before it): 2 x.
+  batch norm     forward reads x twice (statistics, normalize) and writes y; backward reads dy and x twice and
+                 writes dx: 7 n floats, ~13 n FLOPs.
+  ReLU, dropout  forward reads x, writes y (dropout also its mask); backward reads dy and y / mask, writes dx.
+  max-pool 2x2   forward reads n, writes n/4; backward reads n/4 (dy) + n (x), writes n.
+  rescale        forward only (no gradient needed before the first conv): reads n, writes n.
+Weights are counted once per batch (divided by the batch size). Activations of batch 32 at 64 px (8 MB per
+layer) exceed the per-core L2 cache, so main-memory bandwidth is the relevant limit; a cache-sized figure
+(8 MB arrays) is printed for reference.
+
+    .venv/bin/python bench/throughput.py                                   # 64 and 128 px, all variants
+    .venv/bin/python bench/throughput.py --sizes 64 --repeats 3 --epochs 3 --json bench/results/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The project code: the snapshot a parent benchmark hands its children, else this checkout.
+sys.path.insert(1, os.environ.get("CASSAVA_BENCH_CODE") or str(Path(__file__).resolve().parent.parent))
+
+import _common as common  # noqa: E402
+
+# name -> (train.deterministic, train.jit_compile, intra-op threads, inter-op threads; 0 = TensorFlow's choice)
+VARIANTS: dict[str, tuple[bool, bool, int, int]] = {
+    "default": (True, False, 0, 0),
+    "nondeterministic": (False, False, 0, 0),
+    "xla": (True, True, 0, 0),
+    "xla-nondeterministic": (False, True, 0, 0),
+    "threads-1-1": (True, False, 1, 1),
+    "threads-2-1": (True, False, 2, 1),
+    "threads-1-2": (True, False, 1, 2),
+}
+FLOAT_BYTES = 4
+
+
+# ------------------------------------------------------------------------------------------------ child
+
+
+def child_main(spec: dict[str, Any]) -> None:
+    """Train the project's model with one variant's settings; print one JSON line with the epoch timings."""
+    deterministic, jit_compile, intra, inter = VARIANTS[spec["variant"]]
+    common.quiet_tensorflow()
+    import numpy as np
+    import tensorflow as tf
+
+    if intra or inter:  # before the first op: TensorFlow fixes its thread pools when it starts
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    import keras
+
+    from tasks.model import build_classifier
+    from tasks.params import load_params
+    from tasks.prepared import batched_dataset
+    from tasks.train import compile_classifier, seed_everything
+
+    params = load_params(spec["params_file"], [*spec["overrides"], f"train.deterministic={str(deterministic).lower()}",
+                                               f"train.jit_compile={str(jit_compile).lower()}"])
+    size, batch, count = params.data.image_size, params.train.batch_size, spec["images"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, count).astype(np.int32)
+    steps = math.ceil(count / batch)
+    epochs = 1 + spec["epochs"]
+
+    seed_everything(params.train.seed, params.train.deterministic)
+    model = build_classifier(params.model, size, 5, params.train.seed)
+    compile_classifier(model, params.train, steps)
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.seconds.append(time.perf_counter() - self.started)
+            self.cpu_seconds.append(time.process_time() - self.cpu_started)
+
+    timer = EpochTimer()
+    load = os.getloadavg()[0]
+    model.fit(batched_dataset(images, labels, batch, shuffle=True, seed=params.train.seed, epochs=range(epochs)),
+              steps_per_epoch=steps, epochs=epochs, callbacks=[timer], verbose=0, shuffle=False)
+    timed, cpu = timer.seconds[1:], timer.cpu_seconds[1:]  # the first epoch traces and compiles
+    print("RESULT " + json.dumps({
+        "variant": spec["variant"], "size": size, "load": load,
+        "intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "epoch_s": timed, "warmup_s": timer.seconds[0],
+        "images_per_s": count / common.median(timed), "cpu_ms_per_step": 1000 * common.median(cpu) / steps,
+    }), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+def bandwidth_gbs(floats: int, repeats: int = 10) -> tuple[float, float]:
+    """(TensorFlow a + b, numpy copy) in GB/s on arrays of `floats` float32: bytes read + written / time."""
+    import numpy as np
+    import tensorflow as tf
+
+    a = tf.random.stateless_uniform((floats,), seed=(1, 2))
+    b = tf.random.stateless_uniform((floats,), seed=(3, 4))
+    add = tf.function(lambda x, y: x + y)
+    add(a, b).numpy()
+    best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            result = add(a, b)
+        result.numpy()
+        best = min(best, (time.perf_counter() - started) / repeats)
+    source, target = np.ones(floats, np.float32), np.empty(floats, np.float32)
+    copy_best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            np.copyto(target, source)
+        copy_best = min(copy_best, (time.perf_counter() - started) / repeats)
+    return 3 * FLOAT_BYTES * floats / best / 1e9, 2 * FLOAT_BYTES * floats / copy_best / 1e9
+
+
+def layer_costs(model: Any, batch: int) -> list[dict[str, Any]]:
+    """Per layer of the model: training FLOPs and bytes per image (the model in the module docstring)."""
+    import keras
+
+    rows = []
+    trainable_before = False
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        n_in = math.prod(layer.input.shape[1:])
+        n_out = math.prod(layer.output.shape[1:])
+        weights = sum(math.prod(w.shape) for w in layer.trainable_weights) / batch
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            if isinstance(layer, keras.layers.Conv2D):
+                kh, kw, c_in, c_out = layer.kernel.shape
+                macs = n_out * kh * kw * c_in
+            else:
+                macs = math.prod(layer.kernel.shape)
+            passes = 3 if trainable_before else 2
+            flops, floats = passes * 2.0 * macs, passes * (n_in + n_out + weights)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            flops, floats = 13.0 * n_in, 7.0 * n_in + 3 * weights
+        elif isinstance(layer, keras.layers.MaxPooling2D):
+            flops, floats = 2.0 * n_in, n_in + n_out + n_out + n_in + n_in
+        elif isinstance(layer, keras.layers.Rescaling):
+            flops, floats = float(n_in), float(n_in + n_out)
+        elif isinstance(layer, keras.layers.GlobalAveragePooling2D):
+            flops, floats = 2.0 * n_in, n_in + n_out + n_out + n_in
+        elif isinstance(layer, keras.layers.Dropout):
+            flops, floats = 2.0 * n_in, 3.0 * n_in + 3.0 * n_out
+        else:  # activations
+            flops, floats = 2.0 * n_in, 2.0 * n_in + 3.0 * n_out
+        rows.append({"layer": layer.name, "kind": type(layer).__name__, "flops": flops, "bytes": FLOAT_BYTES * floats,
+                     "needs_input_gradient": trainable_before})
+        trainable_before = trainable_before or bool(layer.trainable_weights)
+    return rows
+
+
+def time_layers(model: Any, rows: list[dict[str, Any]], batch: int, repeats: int) -> None:
+    """Median seconds per batch of each layer alone: forward + the gradients a training step needs of it."""
+    import tensorflow as tf
+
+    by_name = {layer.name: layer for layer in model.layers}
+    for row in rows:
+        layer = by_name[row["layer"]]
+        x = tf.random.stateless_uniform((batch, *layer.input.shape[1:]), seed=(5, 6), maxval=255.0)
+        watch_input = row["needs_input_gradient"]
+
+        def step(inputs: Any, layer: Any = layer, watch_input: bool = watch_input) -> Any:
+            with tf.GradientTape() as tape:
+                if watch_input:
+                    tape.watch(inputs)
+                out = layer(inputs, training=True)
+                total = tf.reduce_sum(out)
+            sources = ([inputs] if watch_input else []) + list(layer.trainable_weights)
+            return tape.gradient(total, sources) if sources else [out]
+
+        function = tf.function(step)
+        row["measured_s"] = _median_call_seconds(function, x, repeats)
+
+
+def optimizer_seconds(model: Any, repeats: int) -> float:
+    """Median seconds of one optimizer update of every trainable weight (gradients given)."""
+    import tensorflow as tf
+
+    gradients = [tf.ones_like(weight) * 1e-6 for weight in model.trainable_weights]
+    apply = tf.function(lambda: model.optimizer.apply_gradients(zip(gradients, model.trainable_weights)))
+    return _median_call_seconds(lambda _: apply(), None, repeats)
+
+
+def _median_call_seconds(function: Any, argument: Any, repeats: int) -> float:
+    import tensorflow as tf
+
+    for _ in range(3):
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, function(argument))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, function(argument))
+        times.append(time.perf_counter() - started)
+    return common.median(times)
+
+
+def roofline(params_file: Path, size: int, peak: float, bandwidth: float, repeats: int) -> dict[str, Any]:
+    """The per-layer roofline of the default model at `size` px, and each layer timed alone."""
+    import tensorflow as tf
+
+    from tasks.model import build_classifier
+    from tasks.params import load_params
+    from tasks.train import compile_classifier, seed_everything
+
+    params = load_params(params_file, [f"data.image_size={size}"])
+    batch = params.train.batch_size
+    seed_everything(params.train.seed, params.train.deterministic)
+    model = build_classifier(params.model, size, 5, params.train.seed)
+    compile_classifier(model, params.train, 22)
+    model.optimizer.build(model.trainable_weights)
+    rows = layer_costs(model, batch)
+    time_layers(model, rows, batch, repeats)
+    for row in rows:
+        row["intensity"] = row["flops"] / row["bytes"]
+        compute_s, memory_s = row["flops"] / (peak * 1e9), row["bytes"] / (bandwidth * 1e9)
+        row["bound_s_per_image"] = max(compute_s, memory_s)
+        row["bound_by"] = "compute" if compute_s >= memory_s else "bandwidth"
+    return {"batch": batch, "layers": rows, "optimizer_s_per_batch": optimizer_seconds(model, repeats),
+            "dispatch_s": _median_call_seconds(tf.function(lambda x: x + 1.0), tf.zeros(()), repeats),
+            "conv_dense_flops_per_image": sum(r["flops"] for r in rows if r["kind"] in ("Conv2D", "Dense")),
+            "bound_s_per_image": sum(r["bound_s_per_image"] for r in rows)}
+
+
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def run_variants(args: argparse.Namespace, params_file: Path, scratch: Path) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {f"{size}/{name}": [] for size in args.sizes for name in args.variants}
+    env = common.child_env(scratch, TQDM_DISABLE="1")
+    for repeat in range(args.repeats):
+        for size in args.sizes:
+            order = args.variants[repeat % len(args.variants):] + args.variants[:repeat % len(args.variants)]
+            for name in order:
+                spec = {"variant": name, "params_file": str(params_file), "epochs": args.epochs,
+                        "images": args.images * 64 // size if size > 64 else args.images,
+                        "overrides": [f"data.image_size={size}"]}
+                log_file = scratch / f"{size}-{name}-{repeat}.log"
+                result = common.run_child([common.PYTHON, __file__, "--child", json.dumps(spec)], env, scratch, log_file)
+                lines = [line for line in log_file.read_text().splitlines() if line.startswith("RESULT ")]
+                if result.returncode != 0 or not lines:
+                    print(f"  {size}px {name}: FAILED (exit {result.returncode}); {log_file}:\n"
+                          + log_file.read_text()[-1500:])
+                    continue
+                figures = json.loads(lines[-1].removeprefix("RESULT "))
+                figures["process_wall_s"], figures["process_cpu_s"] = result.wall_s, result.cpu_s
+                runs[f"{size}/{name}"].append(figures)
+                print(f"  repeat {repeat + 1} {size}px {name:22s} {figures['images_per_s']:7.1f} img/s, "
+                      f"{figures['cpu_ms_per_step']:6.0f} CPU ms/step (threads {figures['intra_threads']}/"
+                      f"{figures['inter_threads']}; load {figures['load']:.1f})", flush=True)
+    return runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant and size (median reported)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run, after one warm-up epoch")
+    parser.add_argument("--images", type=int, default=704,
+                        help="training images per epoch at 64 px (22 steps of 32); at larger sizes scaled down")
+    parser.add_argument("--layer-repeats", type=int, default=20, help="timings per layer in the per-layer profile")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary workspace")
+    parser.add_argument("--json", type=Path, help="also write all figures to this JSON file")
+    parser.add_argument("--live", action="store_true",
+                        help="run the checkout's code as it is on disk instead of a snapshot taken at start")
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return 0
+
+    for variable in common.UNSET:
+        os.environ.pop(variable, None)
+    common.quiet_tensorflow()
+    scratch = Path(tempfile.mkdtemp(prefix="cassava-bench-throughput-"))
+    common.select_code(args.live, scratch)
+    info = common.machine_info()
+    common.print_machine(info)
+    workspace = common.make_workspace("throughput", parent=str(scratch))
+    params_file = workspace / "params.yaml"
+
+    print(f"\n== settings: {len(args.variants)} variants x {args.repeats} repeats per size, 1 warm-up + {args.epochs} "
+          f"timed epochs each, fresh process per run")
+    runs = run_variants(args, params_file, workspace)
+
+    import tensorflow as tf  # after the children: the parent's TensorFlow threads must not compete with them
+
+    from input_pipeline import matmul_gflops
+
+    tf.get_logger().setLevel("ERROR")
+    peaks = [matmul_gflops() for _ in range(5)]
+    add_large, copy_large = bandwidth_gbs(32 * 2**20)
+    add_cache, copy_cache = bandwidth_gbs(2 * 2**20)
+    # The median of five (each the best of three): the best alone swings with turbo and other people's jobs.
+    peak, bandwidth = common.median(peaks), max(add_large, copy_large)
+    print(f"\n== limits (load {os.getloadavg()[0]:.1f}): float32 matmul {peak:.1f} GFLOP/s median (used), "
+          f"{max(peaks):.1f} best; bandwidth 128 MB arrays: TF add {add_large:.1f} GB/s, numpy copy {copy_large:.1f} "
+          f"GB/s (used: {bandwidth:.1f}); 8 MB arrays: TF add {add_cache:.1f}, numpy copy {copy_cache:.1f} GB/s; "
+          f"ridge point {peak / bandwidth:.1f} FLOP/byte")
+
+    figures: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"},
+                               "matmul_gflops": peaks, "bandwidth_gbs": {"tf_add_128MB": add_large, "copy_128MB": copy_large,
+                                                                         "tf_add_8MB": add_cache, "copy_8MB": copy_cache},
+                               "runs": runs, "sizes": {}}
+    for size in args.sizes:
+        model = roofline(params_file, size, peak, bandwidth, args.layer_repeats)
+        batch = model["batch"]
+        step_rows = runs.get(f"{size}/default") or next(iter(r for k, r in runs.items() if k.startswith(f"{size}/")), [])
+        measured_ips = common.median(r["images_per_s"] for r in step_rows)
+        bound_ips = 1 / model["bound_s_per_image"]
+        train_flops = model["conv_dense_flops_per_image"]
+        print(f"\n== {size} px, batch {batch}: per-layer roofline (training step, per image) and each layer alone")
+        table = []
+        for row in model["layers"]:
+            table.append([row["layer"], row["kind"], row["flops"] / 1e6, row["bytes"] / 1e6, row["intensity"],
+                          row["bound_by"], 1e3 * batch * row["bound_s_per_image"], 1e3 * row["measured_s"],
+                          f"{100 * batch * row['bound_s_per_image'] / row['measured_s']:.0f}%"])
+        print(common.table(table, ["layer", "kind", "MFLOP", "MB", "FLOP/B", "bound by", "bound ms/batch",
+                                   "alone ms/batch", "alone % of bound"]))
+        # Each layer timed alone pays one tf.function call; a training step pays one for all of them.
+        layers_s = sum(row["measured_s"] - model["dispatch_s"] for row in model["layers"])
+        step_s = batch / measured_ips if measured_ips == measured_ips else float("nan")
+        optimizer_s = model["optimizer_s_per_batch"]
+        print(f"{size} px: roofline bound {bound_ips:.0f} img/s ({1e3 * batch * model['bound_s_per_image']:.1f} ms per "
+              f"batch); measured training (default settings) {measured_ips:.0f} img/s = "
+              f"{100 * measured_ips / bound_ips:.1f}% of the bound; achieved {measured_ips * train_flops / 1e9:.1f} "
+              f"GFLOP/s (conv + dense, {train_flops / 1e6:.1f} MFLOP/image) = "
+              f"{100 * measured_ips * train_flops / 1e9 / peak:.1f}% of the matmul peak")
+        print(f"{size} px: measured step {1e3 * step_s:.1f} ms = layers alone {1e3 * layers_s:.1f} ms (less "
+              f"{1e3 * model['dispatch_s']:.2f} ms call overhead each) + optimizer "
+              f"update {1e3 * optimizer_s:.1f} ms + rest (loss, metrics, step loop, input) "
+              f"{1e3 * (step_s - layers_s - optimizer_s):.1f} ms")
+        model.update({"measured_images_per_s": measured_ips, "bound_images_per_s": bound_ips, "step_s": step_s,
+                      "layers_alone_s": layers_s})
+        figures["sizes"][str(size)] = model
+
+        rows = []
+        base = common.median(r["images_per_s"] for r in runs.get(f"{size}/default", []))
+        for name in args.variants:
+            results = runs[f"{size}/{name}"]
+            ips = common.median(r["images_per_s"] for r in results)
+            rows.append([name, ips, common.spread(r["images_per_s"] for r in results),
+                         common.median(r["cpu_ms_per_step"] for r in results), ips / base,
+                         f"{100 * ips / bound_ips:.0f}%", common.median(r["warmup_s"] for r in results)])
+        print(f"\n{size} px: settings, median of {args.repeats} (ratio = img/s / default's)")
+        print(common.table(rows, ["variant", "img/s", "range", "CPU ms/step", "ratio", "% of roofline",
+                                  "warm-up epoch s"]))
+
+    common.finish(figures, args.json, scratch, args.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
