@@ -247,8 +247,17 @@ class TrainParams(_Section):
     # Deterministic kernels (tf.config.experimental.enable_op_determinism): the same params and data give the
     # same metrics. Costs nothing measurable on CPU (bench/throughput.py); false only for a speed experiment.
     deterministic: bool = True
-    # XLA-compile the training step (Keras `jit_compile`). Off: on this CPU it was not faster (bench/throughput.py).
+    # XLA-compile the training step (Keras `jit_compile`). Keras compiles with XLA only without op determinism;
+    # on CPU it trained 5x (64 px) to 18x (128 px) slower (bench/throughput.py): for accelerators.
     jit_compile: bool = False
+
+    @model_validator(mode="after")
+    def _xla_needs_nondeterministic_kernels(self) -> "TrainParams":
+        if self.jit_compile and self.deterministic:
+            # Keras would silently train without XLA: say so instead of ignoring the knob.
+            raise ValueError("train.jit_compile = true needs train.deterministic = false "
+                             "(Keras does not XLA-compile with op determinism on); allowed: jit_compile false, or both changed")
+        return self
 
 
 class EvaluateParams(_Section):

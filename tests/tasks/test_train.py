@@ -8,9 +8,10 @@ import keras
 import pytest
 
 from tasks.data import acquire, prepare_dataset
-from tasks.params import Params
+from tasks.params import AugmentationParams, Params
 from tasks.prepared import PreparedData
-from tasks.train import build_optimizer, learning_rate_schedule, train_classifier
+from tasks.model import build_classifier
+from tasks.train import build_optimizer, compile_classifier, learning_rate_schedule, seed_everything, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,25 @@ def test_optimizers_get_their_hyper_parameters(tiny_params: Params) -> None:
     rmsprop = build_optimizer(tiny_params.train.model_copy(update={"optimizer": "rmsprop"}), 10)
     assert isinstance(rmsprop, keras.optimizers.RMSprop)
     assert isinstance(build_optimizer(tiny_params.train, 10), keras.optimizers.Adam)
+
+
+def test_determinism_and_xla_knobs_reach_tensorflow_and_keras(tiny_params: Params) -> None:
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    seed_everything(0, deterministic=False)
+    assert not is_op_determinism_enabled()
+    seed_everything(0, tiny_params.train.deterministic)  # the default turns it back on, process-wide
+    assert is_op_determinism_enabled()
+
+    # Keras' random augmentation layers cannot be XLA-compiled (Keras then falls back, with a warning).
+    no_augmentation = tiny_params.model.model_copy(update={"augmentation": AugmentationParams()})
+    model = build_classifier(no_augmentation, tiny_params.data.image_size, 3, 0)
+    seed_everything(0, deterministic=False)  # Keras compiles with XLA only without op determinism
+    compile_classifier(model, tiny_params.train.model_copy(update={"jit_compile": True, "deterministic": False}), 4)
+    assert model.jit_compile is True
+    seed_everything(0, tiny_params.train.deterministic)
+    compile_classifier(model, tiny_params.train, 4)
+    assert model.jit_compile is False
 
 
 @pytest.mark.slow
