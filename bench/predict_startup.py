@@ -13,10 +13,13 @@ Then, each in a fresh process, timed from launch to exit (wall and CPU time):
            loaded, images read, CSV written
   predict-runs  the same with `--model runs:/<run id>/model`
 
+With --before COMMIT, `predict` is also run on that commit's code (`git archive`; mode `predict@COMMIT`), in
+the same workspace and interleaved with the others: before and after a change, in one run.
+
 Modes are interleaved, order rotated every repeat; medians reported. The difference predict - bare is what the
 project adds on top of TensorFlow's and Keras' own start-up; predict - bare-mlflow what it adds on top of MLflow's.
 
-    .venv/bin/python bench/predict_startup.py --repeats 5 --json bench/results/predict_startup.json
+    .venv/bin/python bench/predict_startup.py --repeats 5 --before main --json bench/results/predict_startup.json
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -86,6 +90,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--before", metavar="COMMIT", help="also run predict on this commit's code")
     common.add_output_options(parser)
     args = parser.parse_args()
 
@@ -113,13 +118,22 @@ def main() -> int:
         "predict-runs": [common.PYTHON, "-m", "tasks.predict", "images", "--model", f"runs:/{run_id}/model",
                          "-o", "out/predictions.csv"],
     }
+    envs = {mode: env for mode in commands}
+    if args.before:
+        before_code = scratch / "before"
+        before_code.mkdir()
+        archive = subprocess.run(["git", "archive", args.before], cwd=common.REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before_code)], input=archive, check=True)
+        mode = f"predict@{args.before}"
+        commands[mode], envs[mode] = commands["predict"], {**env, "PYTHONPATH": str(before_code)}
+        args.modes.append(mode)
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
     for repeat in range(args.repeats):
         order = args.modes[repeat % len(args.modes):] + args.modes[:repeat % len(args.modes)]
         for mode in order:
             load = os.getloadavg()[0]
             log_file = workspace / f"{mode}-{repeat}.log"
-            result = common.run_child(commands[mode], env, workspace, log_file)
+            result = common.run_child(commands[mode], envs[mode], workspace, log_file)
             if result.returncode != 0:
                 print(f"{mode} FAILED (exit {result.returncode}):\n{log_file.read_text()[-2000:]}")
                 return 1

@@ -133,8 +133,9 @@ def child_main(spec: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ limits
 
 
-def bandwidth_gbs(floats: int, repeats: int = 10) -> tuple[float, float]:
-    """(TensorFlow a + b, numpy copy) in GB/s on arrays of `floats` float32: bytes read + written / time."""
+def bandwidth_gbs(floats: int, repeats: int = 10) -> dict[str, float]:
+    """TensorFlow a + b and numpy copy on arrays of `floats` float32: bytes read + written per second of wall
+    time and per CPU-second."""
     import numpy as np
     import tensorflow as tf
 
@@ -142,21 +143,37 @@ def bandwidth_gbs(floats: int, repeats: int = 10) -> tuple[float, float]:
     b = tf.random.stateless_uniform((floats,), seed=(3, 4))
     add = tf.function(lambda x, y: x + y)
     add(a, b).numpy()
-    add_s = best_seconds(lambda: add(a, b).numpy(), repeats)
+    add_wall, add_cpu = best_seconds(lambda: add(a, b).numpy(), repeats)
     source, target = np.ones(floats, np.float32), np.empty(floats, np.float32)
-    copy_s = best_seconds(lambda: np.copyto(target, source), repeats)
-    return 3 * FLOAT_BYTES * floats / add_s / 1e9, 2 * FLOAT_BYTES * floats / copy_s / 1e9
+    copy_wall, copy_cpu = best_seconds(lambda: np.copyto(target, source), repeats)
+    moved_add, moved_copy = 3 * FLOAT_BYTES * floats / 1e9, 2 * FLOAT_BYTES * floats / 1e9
+    return {"tf_add": moved_add / add_wall, "tf_add_per_cpu_s": moved_add / add_cpu,
+            "copy": moved_copy / copy_wall, "copy_per_cpu_s": moved_copy / copy_cpu}
 
 
-def best_seconds(run: Any, repeats: int) -> float:
-    """Seconds per call of `run`: the best of three timings of `repeats` calls."""
-    timings = []
+def best_seconds(run: Any, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per call of `run`, each the best of three timings of `repeats` calls. CPU time (this
+    process, all threads) is what the work costs whatever other jobs take of the cores meanwhile."""
+    walls, cpus = [], []
     for _ in range(3):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(repeats):
             run()
-        timings.append((time.perf_counter() - started) / repeats)
-    return min(timings)
+        walls.append((time.perf_counter() - started) / repeats)
+        cpus.append((time.process_time() - cpu_started) / repeats)
+    return min(walls), min(cpus)
+
+
+def matmul_rates(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+    """float32 matmul (tf.linalg.matmul n x n): (GFLOP/s of wall time, GFLOP per CPU-second)."""
+    import tensorflow as tf
+
+    a = tf.random.stateless_uniform((n, n), seed=(1, 2))
+    b = tf.random.stateless_uniform((n, n), seed=(3, 4))
+    product = tf.function(lambda x, y: tf.linalg.matmul(x, y))
+    product(a, b).numpy()
+    wall, cpu = best_seconds(lambda: product(a, b).numpy(), repeats)
+    return 2 * n**3 / wall / 1e9, 2 * n**3 / cpu / 1e9
 
 
 def layer_costs(model: Any, batch: int) -> list[dict[str, Any]]:
@@ -218,6 +235,24 @@ def time_layers(model: Any, rows: list[dict[str, Any]], batch: int, repeats: int
 
         function = tf.function(step)
         row["measured_s"] = _median_call_seconds(function, x, repeats)
+        if row["kind"] == "BatchNormalization":
+            row["fused_s"] = _median_call_seconds(tf.function(fused_batch_norm_step(layer)), x, repeats)
+
+
+def fused_batch_norm_step(layer: Any) -> Any:
+    """The same batch normalization (training mode) as TensorFlow's fused kernel, forward + backward. Keras 3
+    computes it unfused (tf.nn.moments, then tf.nn.batch_normalization: several passes each way)."""
+    import tensorflow as tf
+
+    def step(inputs: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out, _, _ = tf.compat.v1.nn.fused_batch_norm(inputs, layer.gamma, layer.beta, epsilon=layer.epsilon,
+                                                        is_training=True)
+            total = tf.reduce_sum(out)
+        return tape.gradient(total, [inputs, layer.gamma, layer.beta])
+
+    return step
 
 
 def optimizer_seconds(model: Any, repeats: int) -> float:
@@ -230,20 +265,22 @@ def optimizer_seconds(model: Any, repeats: int) -> float:
 
 
 def _median_call_seconds(function: Any, argument: Any, repeats: int) -> float:
+    """Median CPU seconds (this process, all threads) of one call, results fetched."""
     import tensorflow as tf
 
     for _ in range(3):
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, function(argument))
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = time.process_time()
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, function(argument))
-        times.append(time.perf_counter() - started)
+        times.append(time.process_time() - started)
     return common.median(times)
 
 
 def roofline(params_file: Path, size: int, peak: float, bandwidth: float, repeats: int) -> dict[str, Any]:
-    """The per-layer roofline of the default model at `size` px, and each layer timed alone."""
+    """The per-layer roofline of the default model at `size` px (peak and bandwidth per CPU-second, so the bounds
+    are CPU-seconds), and each layer timed alone (CPU time)."""
     import tensorflow as tf
 
     from tasks.model import build_classifier
@@ -258,12 +295,16 @@ def roofline(params_file: Path, size: int, peak: float, bandwidth: float, repeat
     model.optimizer.build(model.trainable_weights)
     rows = layer_costs(model, batch)
     time_layers(model, rows, batch, repeats)
+    # oneDNN's convolutions alone can do more FLOPs per CPU-second than the matmul measured: the higher of the two
+    # is the peak (the stricter bound).
+    conv_rate = max(batch * row["flops"] / row["measured_s"] / 1e9 for row in rows if row["kind"] == "Conv2D")
+    peak = max(peak, conv_rate)
     for row in rows:
         row["intensity"] = row["flops"] / row["bytes"]
         compute_s, memory_s = row["flops"] / (peak * 1e9), row["bytes"] / (bandwidth * 1e9)
         row["bound_s_per_image"] = max(compute_s, memory_s)
         row["bound_by"] = "compute" if compute_s >= memory_s else "bandwidth"
-    return {"batch": batch, "layers": rows, "optimizer_s_per_batch": optimizer_seconds(model, repeats),
+    return {"batch": batch, "layers": rows, "peak_used": peak, "best_conv_gflop_per_cpu_s": conv_rate, "optimizer_s_per_batch": optimizer_seconds(model, repeats),
             "dispatch_s": _median_call_seconds(tf.function(lambda x: x + 1.0), tf.zeros(()), repeats),
             "conv_dense_flops_per_image": sum(r["flops"] for r in rows if r["kind"] in ("Conv2D", "Dense")),
             "bound_s_per_image": sum(r["bound_s_per_image"] for r in rows)}
@@ -331,66 +372,73 @@ def main() -> int:
 
     import tensorflow as tf  # after the children: the parent's TensorFlow threads must not compete with them
 
-    from input_pipeline import matmul_gflops
-
     tf.get_logger().setLevel("ERROR")
-    peaks = [matmul_gflops() for _ in range(5)]
-    add_large, copy_large = bandwidth_gbs(32 * 2**20)
-    add_cache, copy_cache = bandwidth_gbs(2 * 2**20)
-    # The median of five (each the best of three): the best alone swings with turbo and other people's jobs.
-    peak, bandwidth = common.median(peaks), max(add_large, copy_large)
-    print(f"\n== limits (load {os.getloadavg()[0]:.1f}): float32 matmul {peak:.1f} GFLOP/s median (used), "
-          f"{max(peaks):.1f} best; bandwidth 128 MB arrays: TF add {add_large:.1f} GB/s, numpy copy {copy_large:.1f} "
-          f"GB/s (used: {bandwidth:.1f}); 8 MB arrays: TF add {add_cache:.1f}, numpy copy {copy_cache:.1f} GB/s; "
+    # Limits per CPU-second: other people's jobs take cores away at random moments, which moves wall-time rates
+    # two- or threefold but hardly the work a CPU-second does. Training is compared in the same unit (CPU time
+    # per step, all threads), so the share of the roofline does not depend on the load of the moment.
+    matmuls = [matmul_rates() for _ in range(5)]
+    peak = common.median(cpu for _, cpu in matmuls)
+    large, cache = bandwidth_gbs(32 * 2**20), bandwidth_gbs(2 * 2**20)
+    bandwidth = max(large["tf_add_per_cpu_s"], large["copy_per_cpu_s"])
+    print(f"\n== limits (load {os.getloadavg()[0]:.1f}), per CPU-second: float32 matmul {peak:.1f} GFLOP (median of 5; "
+          f"wall-time rate {common.median(w for w, _ in matmuls):.1f} GFLOP/s, best {max(w for w, _ in matmuls):.1f}); "
+          f"bandwidth on 128 MB arrays: TF add {large['tf_add_per_cpu_s']:.1f} GB, numpy copy "
+          f"{large['copy_per_cpu_s']:.1f} GB (used: {bandwidth:.1f}; wall-time rates {large['tf_add']:.1f} and "
+          f"{large['copy']:.1f} GB/s); 8 MB arrays: {cache['tf_add_per_cpu_s']:.1f} and {cache['copy_per_cpu_s']:.1f} GB; "
           f"ridge point {peak / bandwidth:.1f} FLOP/byte")
 
     figures: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"},
-                               "matmul_gflops": peaks, "bandwidth_gbs": {"tf_add_128MB": add_large, "copy_128MB": copy_large,
-                                                                         "tf_add_8MB": add_cache, "copy_8MB": copy_cache},
+                               "matmul": matmuls, "bandwidth_128MB": large, "bandwidth_8MB": cache,
+                               "peak_gflop_per_cpu_s": peak, "bandwidth_gb_per_cpu_s": bandwidth,
                                "runs": runs, "sizes": {}}
     for size in args.sizes:
         model = roofline(params_file, size, peak, bandwidth, args.layer_repeats)
         batch = model["batch"]
-        step_rows = runs.get(f"{size}/default") or next(iter(r for k, r in runs.items() if k.startswith(f"{size}/")), [])
-        measured_ips = common.median(r["images_per_s"] for r in step_rows)
-        bound_ips = 1 / model["bound_s_per_image"]
+        default_runs = runs.get(f"{size}/default", [])
+        measured_ips = common.median(r["images_per_s"] for r in default_runs)
+        step_cpu_s = common.median(r["cpu_ms_per_step"] for r in default_runs) / 1e3
+        bound_step_s = batch * model["bound_s_per_image"]
         train_flops = model["conv_dense_flops_per_image"]
-        print(f"\n== {size} px, batch {batch}: per-layer roofline (training step, per image) and each layer alone")
+        print(f"\n== {size} px, batch {batch}: per-layer roofline of a training step and each layer alone, in CPU-ms "
+              f"per batch (bound = max(FLOPs / peak, bytes / bandwidth), per CPU-second; peak used "
+              f"{model['peak_used']:.1f} GFLOP = max(matmul {peak:.1f}, best conv layer alone "
+              f"{model['best_conv_gflop_per_cpu_s']:.1f}))")
         table = []
         for row in model["layers"]:
             table.append([row["layer"], row["kind"], row["flops"] / 1e6, row["bytes"] / 1e6, row["intensity"],
                           row["bound_by"], 1e3 * batch * row["bound_s_per_image"], 1e3 * row["measured_s"],
-                          f"{100 * batch * row['bound_s_per_image'] / row['measured_s']:.0f}%"])
-        print(common.table(table, ["layer", "kind", "MFLOP", "MB", "FLOP/B", "bound by", "bound ms/batch",
-                                   "alone ms/batch", "alone % of bound"]))
+                          f"{100 * batch * row['bound_s_per_image'] / row['measured_s']:.0f}%",
+                          1e3 * row["fused_s"] if "fused_s" in row else "-"])
+        print(common.table(table, ["layer", "kind", "MFLOP/img", "MB/img", "FLOP/B", "bound by", "bound",
+                                   "alone", "bound / alone", "fused BN"]))
         # Each layer timed alone pays one tf.function call; a training step pays one for all of them.
         layers_s = sum(row["measured_s"] - model["dispatch_s"] for row in model["layers"])
-        step_s = batch / measured_ips if measured_ips == measured_ips else float("nan")
         optimizer_s = model["optimizer_s_per_batch"]
-        print(f"{size} px: roofline bound {bound_ips:.0f} img/s ({1e3 * batch * model['bound_s_per_image']:.1f} ms per "
-              f"batch); measured training (default settings) {measured_ips:.0f} img/s = "
-              f"{100 * measured_ips / bound_ips:.1f}% of the bound; achieved {measured_ips * train_flops / 1e9:.1f} "
-              f"GFLOP/s (conv + dense, {train_flops / 1e6:.1f} MFLOP/image) = "
-              f"{100 * measured_ips * train_flops / 1e9 / peak:.1f}% of the matmul peak")
-        print(f"{size} px: measured step {1e3 * step_s:.1f} ms = layers alone {1e3 * layers_s:.1f} ms (less "
-              f"{1e3 * model['dispatch_s']:.2f} ms call overhead each) + optimizer "
-              f"update {1e3 * optimizer_s:.1f} ms + rest (loss, metrics, step loop, input) "
-              f"{1e3 * (step_s - layers_s - optimizer_s):.1f} ms")
-        model.update({"measured_images_per_s": measured_ips, "bound_images_per_s": bound_ips, "step_s": step_s,
+        print(f"{size} px: training step (default settings) {1e3 * step_cpu_s:.1f} CPU-ms per batch of {batch} against "
+              f"a roofline bound of {1e3 * bound_step_s:.1f}: {100 * bound_step_s / step_cpu_s:.1f}% of the bound; conv + "
+              f"dense {train_flops / 1e6:.1f} MFLOP/image = {batch * train_flops / step_cpu_s / 1e9:.1f} GFLOP per CPU-second "
+              f"= {100 * batch * train_flops / step_cpu_s / 1e9 / model['peak_used']:.1f}% of the peak")
+        print(f"{size} px: step {1e3 * step_cpu_s:.1f} CPU-ms = layers alone {1e3 * layers_s:.1f} (less "
+              f"{1e3 * model['dispatch_s']:.2f} call overhead each) + optimizer update {1e3 * optimizer_s:.1f} + rest "
+              f"(loss, metrics, step loop, input pipeline) {1e3 * (step_cpu_s - layers_s - optimizer_s):.1f}")
+        print(f"{size} px: wall time under this load: {measured_ips:.0f} img/s (2 cores free would allow up to "
+              f"{2 * batch / step_cpu_s:.0f} img/s at this CPU cost)")
+        model.update({"measured_images_per_s": measured_ips, "step_cpu_s": step_cpu_s, "bound_step_s": bound_step_s,
                       "layers_alone_s": layers_s})
         figures["sizes"][str(size)] = model
 
         rows = []
-        base = common.median(r["images_per_s"] for r in runs.get(f"{size}/default", []))
+        base = common.median(r["cpu_ms_per_step"] for r in default_runs)
         for name in args.variants:
             results = runs[f"{size}/{name}"]
-            ips = common.median(r["images_per_s"] for r in results)
-            rows.append([name, ips, common.spread(r["images_per_s"] for r in results),
-                         common.median(r["cpu_ms_per_step"] for r in results), ips / base,
-                         f"{100 * ips / bound_ips:.0f}%", common.median(r["warmup_s"] for r in results)])
-        print(f"\n{size} px: settings, median of {args.repeats} (ratio = img/s / default's)")
-        print(common.table(rows, ["variant", "img/s", "range", "CPU ms/step", "ratio", "% of roofline",
-                                  "warm-up epoch s"]))
+            cpu_ms = common.median(r["cpu_ms_per_step"] for r in results)
+            rows.append([name, cpu_ms, common.spread(r["cpu_ms_per_step"] for r in results), base / cpu_ms,
+                         f"{100e3 * bound_step_s / cpu_ms:.0f}%", common.median(r["images_per_s"] for r in results),
+                         common.spread(r["images_per_s"] for r in results),
+                         common.median(r["warmup_s"] for r in results)])
+        print(f"\n{size} px: settings, median of {args.repeats} (speed-up = default's CPU-ms per step / the variant's)")
+        print(common.table(rows, ["variant", "CPU-ms/step", "range", "speed-up", "% of roofline", "img/s (wall)",
+                                  "range", "warm-up epoch s"]))
 
     common.finish(figures, args.json, scratch, args.keep)
     return 0
