@@ -248,7 +248,7 @@ class TrainParams(_Section):
     # same metrics. Costs nothing measurable on CPU (bench/throughput.py); false only for a speed experiment.
     deterministic: bool = True
     # XLA-compile the training step (Keras `jit_compile`). Keras compiles with XLA only without op determinism;
-    # on CPU it trained 5x (64 px) to 18x (128 px) slower (bench/throughput.py): for accelerators.
+    # on CPU it trained 8-9x slower (CPU time per step, bench/throughput.py): for accelerators.
     jit_compile: bool = False
 
     @model_validator(mode="after")
