@@ -437,13 +437,16 @@ def components(result: common.ChildResult) -> dict[str, float]:
         out["mlflow: run set-up (store, experiment, reap, start_run, tags, params)"] = (
             marks["flow_call_end"] - marks["flow_call_start"])
         return out
+    prefect_start = {  # the start of a Prefect flow, the floor's and the project's
+        "import prefect (flows.train_pipeline)": get("import prefect (flows.train_pipeline)"),
+        "prefect: temporary server start (incl. importing its module)":
+            server_start + get("prefect: import server module"),
+        "prefect: flow start (run creation, engine; excl. server)":
+            marks["flow_body_start"] - marks["flow_call_start"] - server_start,
+    }
     if "stage_run_enter" not in marks:  # a floor: Prefect alone
         out.update({
-            "import prefect (flows.train_pipeline)": get("import prefect (flows.train_pipeline)"),
-            "prefect: temporary server start (incl. importing its module)":
-                server_start + get("prefect: import server module"),
-            "prefect: flow start (run creation, engine; excl. server)":
-                marks["flow_body_start"] - marks["flow_call_start"] - server_start,
+            **prefect_start,
             "prefect: task start": marks["task_body_start"] - marks["flow_body_start"],
             "prefect: task end + flow end": marks["flow_call_end"] - marks["task_body_start"],
             "prefect: temporary server stop (atexit)": get("prefect: temporary server stop (atexit)"),
@@ -456,12 +459,9 @@ def components(result: common.ChildResult) -> dict[str, float]:
         "per-epoch gradient-norm probe (in fit)": get("diagnostics.global_gradient_norm"),
     }
     out.update({
-        "import prefect (flows.train_pipeline)": get("import prefect (flows.train_pipeline)"),
+        "import prefect (flows.train_pipeline)": prefect_start.pop("import prefect (flows.train_pipeline)"),
         "import mlflow (tasks.tracking)": get("import mlflow (tasks.tracking)"),
-        "prefect: temporary server start (incl. importing its module)":
-            server_start + get("prefect: import server module"),
-        "prefect: flow start (run creation, engine; excl. server)":
-            marks["flow_body_start"] - marks["flow_call_start"] - server_start,
+        **prefect_start,
         "prefect: task start": marks["task_body_start"] - marks["task_call_start"],
         "prefect: task end + flow end": (marks["task_call_end"] - marks["stage_function_end"])
         + (marks["flow_call_end"] - marks["task_call_end"]),
