@@ -15,6 +15,7 @@ INIT_VERDICT_TAG = TAG_PREFIX + "init_verdict"  # train: initialization diagnost
 INIT_REASON_TAG = TAG_PREFIX + "init_reason"
 GRADIENT_FLAG_TAG = TAG_PREFIX + "gradient_flag"
 FAILURE_TAG = TAG_PREFIX + "failure"  # why a run ended FAILED or KILLED
+NAME_KEY_TAG = TAG_PREFIX + "name_key"  # hash of the params part of the run name: runs that share it are numbered
 
 # The registry gate (register stage), on the gated run.
 GATE_DECISION_TAG = TAG_PREFIX + "gate.decision"  # registered | rejected | disabled

@@ -224,6 +224,22 @@ def _register_champion(
     return int(version.version)
 
 
+def withdraw_registration(model_name: str, result: GateResult) -> None:
+    """Undo what a gate registered: the champion alias back where it was (or gone), the new version deleted.
+    For a register stage that fails after the gate, so the registry never points at a model whose stage failed."""
+    from mlflow import MlflowClient
+
+    if result.registered_version is None:
+        return
+    client = MlflowClient()
+    if result.champion_version is not None:
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, str(result.champion_version))
+    else:
+        client.delete_registered_model_alias(model_name, CHAMPION_ALIAS)
+    client.delete_model_version(model_name, str(result.registered_version))
+    log.info("register: withdrew version %d of %s after the stage failed", result.registered_version, model_name)
+
+
 def run_register(params: "Params", run_id: str | None = None) -> str:
     """Stage entry (DVC command and Prefect task): gate the evaluated run's model, record the decision in the
     run (through the stage's record), in `reports/registry.json`, and in the report's header."""
@@ -241,6 +257,7 @@ def run_register(params: "Params", run_id: str | None = None) -> str:
             stage_run("register", params, root / layout.EVALUATE_POINTER, root / layout.REGISTER_POINTER, run_id) as run:
         outcome: dict[str, object] = {"run_id": run.run_id, "model_name": settings.model_name,
                                       "metric": settings.metric, "minimum": settings.minimum}
+        result: GateResult | None = None
         if settings.enabled:
             prepared = PreparedData(root / layout.PREPARED_DIR)
             test_images, test_labels = prepared.split("test")
@@ -257,14 +274,19 @@ def run_register(params: "Params", run_id: str | None = None) -> str:
             tags = {GATE_DECISION_TAG: "disabled", GATE_REASON_TAG: "registry.enabled is false: nothing registered"}
             log.info("register: %s", tags[GATE_REASON_TAG])
         outcome.update(decision=tags[GATE_DECISION_TAG], reason=tags[GATE_REASON_TAG])
-        staged.path(layout.REGISTRY_FILE).write_text(json.dumps(outcome, indent=2) + "\n")
-        page = (root / layout.EVALUATION_REPORT).read_text(encoding="utf-8")
-        gate_text = f"{tags[GATE_DECISION_TAG]}: {tags[GATE_REASON_TAG]}"
-        staged.path(layout.REPORT_FILE).write_text(fill_header_row(page, GATE_ROW, gate_text), encoding="utf-8")
-        staged.publish()
-        run.complete(StageRecord(
-            "register",
-            tags=tags,
-            artifacts=[(layout.REPORT_FILE.as_posix(), "evaluation"), (layout.REGISTRY_FILE.as_posix(), "registry")],
-        ))
+        try:
+            staged.path(layout.REGISTRY_FILE).write_text(json.dumps(outcome, indent=2) + "\n")
+            page = (root / layout.EVALUATION_REPORT).read_text(encoding="utf-8")
+            gate_text = f"{tags[GATE_DECISION_TAG]}: {tags[GATE_REASON_TAG]}"
+            staged.path(layout.REPORT_FILE).write_text(fill_header_row(page, GATE_ROW, gate_text), encoding="utf-8")
+            staged.publish()
+            run.complete(StageRecord(
+                "register",
+                tags=tags,
+                artifacts=[(layout.REPORT_FILE.as_posix(), "evaluation"), (layout.REGISTRY_FILE.as_posix(), "registry")],
+            ))
+        except BaseException:  # the registry must not name a champion whose register stage failed
+            if result is not None:
+                withdraw_registration(settings.model_name, result)
+            raise
     return run.run_id

@@ -43,7 +43,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus
 
-from tasks.names import DATA_VERSION_TAG, FAILURE_TAG, TAG_PREFIX, stage_done_tag
+from tasks.names import DATA_VERSION_TAG, FAILURE_TAG, NAME_KEY_TAG, TAG_PREFIX, stage_done_tag
 from tasks.params import Params, code_root, flatten_params, tracking_root, workspace_root
 
 # MLflow 3's UI opens an experiment on its GenAI overview unless this tag names another kind.
@@ -281,15 +281,34 @@ def unique_run_name(base: str, taken: Iterable[str], current: str | None = None)
     return f"{base} #{number}"
 
 
+def name_key(params: Params) -> str:
+    """What runs numbered `#2`, `#3`... share: the params part of their name (set as a tag when a run is created)."""
+    return hashlib.sha256(describe_run(params, None).encode()).hexdigest()[:16]
+
+
 def _name_run(client: MlflowClient, run_id: str, params: Params, data_version: str | None) -> None:
+    """Name the run after its params, unique in its experiment: the n-th run (by start time, then id) with
+    the same name key is `base #n`. The rank depends only on when runs were created, not on which name
+    another process has written yet, so runs started at the same instant cannot pick the same name; a name
+    already held otherwise (e.g. by a run from before name keys) falls back to the next free number."""
     run = client.get_run(run_id)
+    experiment = run.info.experiment_id
     base = describe_run(params, data_version)
-    prefix = re.split(r"['\\]", base)[0]  # quotes cannot be escaped in a filter: match on what precedes them
-    others = client.search_runs(
-        [run.info.experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'", max_results=5000
+    order = (run.info.start_time or 0, run_id)
+    rank = 1 + sum(
+        1 for other in client.search_runs(
+            [experiment], filter_string=f"tags.`{NAME_KEY_TAG}` = '{name_key(params)}'", max_results=5000
+        ) if (other.info.start_time or 0, other.info.run_id) < order
     )
-    taken = {other.info.run_name for other in others if other.info.run_id != run_id}
-    name = unique_run_name(base, taken, run.info.run_name)
+    name = base if rank == 1 else f"{base} #{rank}"
+    prefix = re.split(r"['\\]", base)[0]  # quotes cannot be escaped in a filter: match on what precedes them
+    taken = {
+        other.info.run_name for other in client.search_runs(
+            [experiment], filter_string=f"attributes.run_name LIKE '{prefix}%'", max_results=5000
+        ) if other.info.run_id != run_id
+    }
+    if name in taken:
+        name = unique_run_name(base, taken, run.info.run_name)
     if name != run.info.run_name:
         client.update_run(run_id, name=name)
 
@@ -574,7 +593,8 @@ def stage_run(
         not (candidate and (run_id or _resumable(client, candidate, stage, flat_params)))
         or candidate == stale_run
     )
-    active = mlflow.start_run(run_id=None if carried_over else candidate, experiment_id=experiment_id)
+    active = mlflow.start_run(run_id=None if carried_over else candidate, experiment_id=experiment_id,
+                              tags={NAME_KEY_TAG: name_key(params)} if carried_over else None)
     current = active.info.run_id
     try:
         with _sigterm_raises():

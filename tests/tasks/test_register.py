@@ -169,3 +169,16 @@ def test_a_worse_model_at_a_new_image_size_loses_to_the_champion_scored_at_its_o
     assert result.champion_metric == pytest.approx(1.0)  # right on every resized image
     assert _gate_tags(result)[1].startswith("test_macro_f1 0.5000 does not beat the champion's 1.0000 (champion: "
                                             "version 1, re-scored on data version v3 at its 8x8 input")
+
+
+@pytest.mark.slow
+def test_a_withdrawn_registration_gives_the_alias_back_and_deletes_the_version(runs: dict[str, str]) -> None:
+    from tasks.register import withdraw_registration
+
+    first = _gate(runs["constant"], "withdrawn")
+    withdraw_registration("withdrawn", _gate(runs["oracle"], "withdrawn"))
+    assert _champion_version("withdrawn") == 1
+    assert [version.version for version in MlflowClient().search_model_versions("name = 'withdrawn'")] == [1]
+    withdraw_registration("withdrawn", first)
+    assert "champion" not in MlflowClient().get_registered_model("withdrawn").aliases
+    assert MlflowClient().search_model_versions("name = 'withdrawn'") == []

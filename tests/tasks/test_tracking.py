@@ -279,6 +279,42 @@ def test_repeated_run_names_get_a_number(taken: list[str], current: str | None, 
     assert unique_run_name("bn=off", taken, current) == expected
 
 
+def test_two_runs_named_at_the_same_instant_end_with_different_names(workspace: Path, tiny_params: Params) -> None:
+    import threading
+
+    from tasks.names import NAME_KEY_TAG
+    from tasks.tracking import _name_run, name_key
+
+    configure_tracking()
+    experiment_id = ensure_experiment(experiment_name(tiny_params))
+    both_looked = threading.Barrier(2, timeout=60)
+
+    class RacingClient(MlflowClient):
+        """Each client's first look at the taken names waits for the other's: both see the name free."""
+
+        looked = False
+
+        def search_runs(self, *args, **kwargs):
+            found = super().search_runs(*args, **kwargs)
+            if not self.looked:
+                self.looked = True
+                both_looked.wait()
+            return found
+
+    tags = {NAME_KEY_TAG: name_key(tiny_params)}  # as stage_run creates its runs
+    first = MlflowClient().create_run(experiment_id, run_name="starting", tags=tags).info.run_id
+    second = MlflowClient().create_run(experiment_id, run_name="starting", tags=tags).info.run_id
+    threads = [threading.Thread(target=_name_run, args=(RacingClient(), run_id, tiny_params, None))
+               for run_id in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    base = describe_run(tiny_params, None)
+    names = {MlflowClient().get_run(run_id).info.run_name for run_id in (first, second)}
+    assert names == {base, f"{base} #2"}
+
+
 def test_runs_with_the_same_params_get_unique_names_in_the_store(workspace: Path, tiny_params: Params) -> None:
     names = []
     for index in range(3):
