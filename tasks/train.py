@@ -44,7 +44,7 @@ class TrainSummary:
     best_epoch: int  # 1-based, the epoch whose weights the final model has
     stopped_epoch: int  # 1-based epoch where early stopping ended training, 0 if it ran all epochs
     resumed_from_epoch: int  # 0 unless a killed training was continued
-    best_val_loss: float  # of the final (restored) model, recomputed
+    best_val_loss: float  # of the final (restored) model: its epoch's validation
     best_val_accuracy: float
     train_loss: float  # of the final model on the training split, inference mode
     train_accuracy: float
@@ -394,7 +394,6 @@ def save_training_outputs(
     """The model (with an input example, its signature's shapes and its summary), the per-epoch history CSV,
     the summary JSON."""
     from tasks.model import model_summary
-
     from tasks.tracking import keras_signature_shapes
 
     model_dir.mkdir(parents=True, exist_ok=True)
