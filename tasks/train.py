@@ -463,9 +463,12 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
         set_run_tags(run.run_id, {INIT_VERDICT_TAG: "healthy" if verdict.healthy else "bad",
                                   INIT_REASON_TAG: verdict.reason})
-        # Table and plot are drawn and logged while training runs (matplotlib takes about a second).
-        run.in_background(lambda: (initialization.write_report(*diagnostics),
-                                   log_artifacts(run.run_id, diagnostics, "diagnostics")))
+
+        def report_initialization() -> None:  # drawn and logged while training runs (matplotlib: about 1 s)
+            initialization.write_report(*diagnostics)
+            log_artifacts(run.run_id, diagnostics, "diagnostics")
+
+        run.in_background(report_initialization)
         try:
             outcome = train_classifier(
                 params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
