@@ -634,9 +634,6 @@ def report_results(epochs: int, runs_by_mode: dict[str, list[dict[str, Any]]], e
         for floor, floor_s in floors.items():
             print(f"  bare baseline {floor} ({'Prefect' if floor.startswith('floor') else 'MLflow'}'s own cost, "
                   f"launch to exit, no project code): {floor_s:.1f} s")
-        if floors:
-            print(f"  fixed overhead minus these baselines: {split['fixed'] - sum(floors.values()):+.1f} s (each "
-                  "baseline also counts its own interpreter start and exit)")
         figures[f"{mode}_vs_plain"] = {"wall_ratio": wall_b / wall_a, "wall_overhead_s": wall_b - wall_a,
                                       "cpu_ratio": cpu_b / cpu_a, "cpu_overhead_s": cpu_b - cpu_a, **split,
                                       "per_repeat": splits, "target_fixed_s": target, "floors_wall_s": floors}

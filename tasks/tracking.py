@@ -22,6 +22,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -741,6 +742,18 @@ class EpochLog:
         if epoch not in self.logged:
             log_epoch_metrics(self.run_id, epoch, values)
             self.logged.add(epoch)
+
+
+# What the end of a stage imports for the first time (model logging, the data version, the dataset input): about
+# a second on 2 cores. A stage with time to spare (training) imports them on its logging thread beforehand.
+END_OF_STAGE_MODULES = ("mlflow.keras", "mlflow.pyfunc", "mlflow.models.signature", "mlflow.types",
+                        "mlflow.data.pandas_dataset", "pandas", "dvc_data.hashfile.build", "dvc_data.hashfile.db",
+                        "dvc_objects.fs.local")
+
+
+def import_end_of_stage_modules() -> None:
+    for name in END_OF_STAGE_MODULES:
+        importlib.import_module(name)
 
 
 def log_keras_model(model_dir: Path) -> None:

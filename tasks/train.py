@@ -441,7 +441,8 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         resume_from = load_transfer_progress
     from tasks import layout
     from tasks.staging import staged_outputs
-    from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
+    from tasks.tracking import (EpochLog, StageRecord, import_end_of_stage_modules, log_artifacts, set_run_tags,
+                                stage_run)
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
@@ -469,6 +470,7 @@ def run_train(params: Params, run_id: str | None = None) -> str:
             log_artifacts(run.run_id, diagnostics, "diagnostics")
 
         run.in_background(report_initialization)
+        run.in_background(import_end_of_stage_modules)  # off the critical path too, while training runs
         try:
             outcome = train_classifier(
                 params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
