@@ -4,7 +4,7 @@ Seeded end to end (Python, NumPy, TensorFlow, op determinism, an epoch-indexed i
 params and data give the same metrics on CPU, also when a killed training is started again: Keras'
 BackupAndRestore brings back weights, optimizer and epoch, and a small progress file next to it brings back
 the per-epoch history and the early-stopping state. When early stopping restores the best weights, the
-metrics reported as final are those of the restored model, recomputed, never the last epoch's.
+metrics reported as final are those of the restored model (its epoch's validation), never the last epoch's.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class TrainSummary:
     best_epoch: int  # 1-based, the epoch whose weights the final model has
     stopped_epoch: int  # 1-based epoch where early stopping ended training, 0 if it ran all epochs
     resumed_from_epoch: int  # 0 unless a killed training was continued
-    best_val_loss: float  # of the final (restored) model, recomputed
+    best_val_loss: float  # of the final (restored) model: its epoch's validation
     best_val_accuracy: float
     train_loss: float  # of the final model on the training split, inference mode
     train_accuracy: float
@@ -381,10 +381,12 @@ def train_classifier(
     best_epoch = len(history)
     if stopping.enabled and stopping.restore_best_weights and checkpoint_file.exists():
         best_epoch = best_epoch_of(history, stopping.monitor, mode)
-        model.set_weights(keras.saving.load_model(checkpoint_file).get_weights())
+        model.load_weights(checkpoint_file)
     stopped_epoch = len(history) if len(history) < params.train.epochs else 0
     train_loss, train_accuracy = model.evaluate(batched_dataset(train_images, train_labels, batch_size), verbose=0)
-    val_loss, val_accuracy = model.evaluate(batched_dataset(val_images, val_labels, batch_size), verbose=0)
+    # The final weights are those of epoch `best_epoch`, whose validation fit ran on exactly these weights, in
+    # inference mode, on the same batches: its numbers are the final model's (not evaluated a second time).
+    val_loss, val_accuracy = history[best_epoch - 1]["val_loss"], history[best_epoch - 1]["val_accuracy"]
     summary = TrainSummary(
         epochs_run=len(history), best_epoch=best_epoch, stopped_epoch=stopped_epoch, resumed_from_epoch=first_epoch,
         best_val_loss=val_loss, best_val_accuracy=val_accuracy, train_loss=train_loss, train_accuracy=train_accuracy,
@@ -398,11 +400,14 @@ def train_classifier(
 def save_training_outputs(
     outcome: TrainingOutcome, prepared: PreparedData, model_dir: Path, history_file: Path, summary_file: Path
 ) -> None:
-    """The model (with an input example and its summary), the per-epoch history CSV, the summary JSON."""
+    """The model (with an input example, its signature's shapes and its summary), the per-epoch history CSV,
+    the summary JSON."""
     from tasks.model import model_summary
+    from tasks.tracking import keras_signature_shapes
 
     model_dir.mkdir(parents=True, exist_ok=True)
     outcome.model.save(model_dir / "model.keras")
+    (model_dir / "signature.json").write_text(json.dumps(keras_signature_shapes(outcome.model)) + "\n")
     val_images, _ = prepared.split("val")
     np.save(model_dir / "input_example.npy", np.asarray(val_images[:2], dtype=np.float32))
     (model_dir / "model_summary.txt").write_text(model_summary(outcome.model) + "\n")
@@ -414,9 +419,9 @@ def save_training_outputs(
     summary_file.write_text(json.dumps(asdict(outcome.summary), indent=2) + "\n")
 
 
-def diagnose_initialization(params: Params, prepared: PreparedData, table: Path, plot: Path) -> "InitializationVerdict":
-    """Lesson 1, before any epoch: probe the freshly initialized model on a fixed batch, write table and plot."""
-    from tasks.diagnostics import judge_initialization, probe_initialization, write_initialization_report
+def diagnose_initialization(params: Params, prepared: PreparedData) -> "Initialization":
+    """Lesson 1, before any epoch: probe the freshly initialized model on a fixed batch and judge it."""
+    from tasks.diagnostics import Initialization, judge_initialization, probe_initialization
     from tasks.model import build_classifier
 
     seed_everything(params.train.seed, params.train.deterministic)
@@ -424,14 +429,13 @@ def diagnose_initialization(params: Params, prepared: PreparedData, table: Path,
     model = build_classifier(params.model, params.data.image_size, len(prepared.class_names()), params.train.seed)
     statistics = probe_initialization(model, np.asarray(images[:PROBE_BATCH], dtype=np.float32), labels[:PROBE_BATCH])
     verdict = judge_initialization(statistics)
-    write_initialization_report(statistics, verdict, table, plot)
     (log.info if verdict.healthy else log.warning)("train: initialization %s: %s",
                                                    "healthy" if verdict.healthy else "BAD", verdict.reason)
-    return verdict
+    return Initialization(statistics, verdict)
 
 
 if TYPE_CHECKING:
-    from tasks.diagnostics import InitializationVerdict
+    from tasks.diagnostics import Initialization
 
 
 def run_train(params: Params, run_id: str | None = None) -> str:
@@ -446,7 +450,8 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         resume_from = load_transfer_progress
     from tasks import layout
     from tasks.staging import staged_outputs
-    from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
+    from tasks.tracking import (EpochLog, StageRecord, import_end_of_stage_modules, log_artifacts, set_run_tags,
+                                stage_run)
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
@@ -463,11 +468,18 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         progress.run_id = run.run_id
         epoch_log = EpochLog(run.run_id, progress.history)  # every epoch once, also across a kill
         diagnostics = [staged.path(layout.INIT_DIAGNOSTICS_FILE), staged.path(layout.INIT_DIAGNOSTICS_PLOT)]
-        verdict = diagnose_initialization(params, prepared, *diagnostics)
+        initialization = diagnose_initialization(params, prepared)
+        verdict = initialization.verdict
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
         set_run_tags(run.run_id, {INIT_VERDICT_TAG: "healthy" if verdict.healthy else "bad",
                                   INIT_REASON_TAG: verdict.reason})
-        log_artifacts(run.run_id, diagnostics, "diagnostics")
+
+        def report_initialization() -> None:  # drawn and logged while training runs (matplotlib: about 1 s)
+            initialization.write_report(*diagnostics)
+            log_artifacts(run.run_id, diagnostics, "diagnostics")
+
+        run.in_background(report_initialization)
+        run.in_background(import_end_of_stage_modules)  # off the critical path too, while training runs
         try:
             outcome = train_classifier(
                 params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
@@ -478,6 +490,7 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         save_training_outputs(outcome, prepared, staged.path(layout.MODEL_DIR), staged.path(layout.HISTORY_FILE),
                               staged.path(layout.TRAIN_SUMMARY_FILE))
         layout.write_metrics(outcome.summary.metrics(), staged.path(layout.TRAIN_METRICS_FILE))
+        run.wait_for_background()  # the diagnostics are outputs too
         staged.publish()
         run.complete(
             StageRecord(
