@@ -1,11 +1,15 @@
 """Training throughput of the default model against this machine's roofline, and what op determinism, XLA
 (`jit_compile`) and TensorFlow's thread pools change.
 
-Two parts, in one run:
+Two parts, in one run (the settings first, the limits after, so this process's TensorFlow threads do not
+compete with the children):
 
-1. Limits and the per-layer roofline (in this process). The float32 matmul rate (tf.linalg.matmul 2048 x 2048,
-   best of three) is the compute peak; the memory bandwidth is a large elementwise add (TensorFlow `a + b` on
-   32 M floats: 3 x 128 MB moved; numpy's copy is printed next to it). For each layer of the default model
+1. Limits and the per-layer roofline (in this process), all per CPU-second (work / CPU time of the process):
+   other people's jobs move wall-time rates two- to fourfold on a shared machine, CPU time much less. The
+   compute peak is the float32 matmul rate (tf.linalg.matmul 2048 x 2048, median of five, each the best of
+   three), or the best rate a convolution layer reaches alone if higher; the memory bandwidth is the better of
+   a large elementwise add (TensorFlow `a + b` on 32 M floats: 3 x 128 MB moved) and numpy's copy. Batch-norm
+   layers are also timed as TensorFlow's fused kernel, for comparison. For each layer of the default model
    (`tasks.model.build_classifier`, params.yaml), the FLOPs and bytes of one training step per image are
    counted from the layer shapes (model below), giving its arithmetic intensity and its roofline time
    max(FLOPs / peak, bytes / bandwidth): the layer is compute- or bandwidth-bound. The sum over the layers is
