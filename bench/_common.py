@@ -226,3 +226,11 @@ def finish(figures: dict[str, Any], json_file: Path | None, scratch: Path, keep:
         print(f"kept: {scratch}")
     else:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def add_output_options(parser: Any, keep_help: str = "keep the temporary workspace") -> None:
+    """--keep, --json and --live, as every benchmark takes them."""
+    parser.add_argument("--keep", action="store_true", help=keep_help)
+    parser.add_argument("--json", type=Path, help="also write all figures to this JSON file")
+    parser.add_argument("--live", action="store_true",
+                        help="run the checkout's code as it is on disk instead of a snapshot taken at start")

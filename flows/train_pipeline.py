@@ -139,6 +139,7 @@ def train_pipeline(
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+COMPLETED_RUNS: list[str] = []  # by this process: its exit can then skip the interpreter's teardown
 
 
 @app.command()
@@ -155,6 +156,7 @@ def main(
     with prefect_api(announce=typer.echo):  # a running Prefect server, or a private one; says which
         result = train_pipeline(overrides=overrides or [], params_file=params_file, profile=profile)
     typer.echo(where_to_look(result))
+    COMPLETED_RUNS.append(result["run_id"])
 
 
 def where_to_look(result: dict[str, Any]) -> str:
@@ -175,4 +177,4 @@ def where_to_look(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    run_command_line(app, "python -m flows.train_pipeline")
+    run_command_line(app, "python -m flows.train_pipeline", work_done=lambda: bool(COMPLETED_RUNS))

@@ -40,6 +40,8 @@ STAGE_ACTIVITY: dict[str, str] = {
     "pretrain": "acquiring, preparing and training on the source data set in pretrain/",
 }
 
+COMPLETED_STAGES: list[str] = []  # by this process: its exit can then skip the interpreter's teardown
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -87,6 +89,7 @@ def _run_stage(stage: str, params_file: Path | None, overrides: list[str] | None
     configure_logging()
     run_id = stage_entry(stage)(params, None)
     typer.echo(f"{stage}: done (MLflow run {run_id})")
+    COMPLETED_STAGES.append(stage)
 
 
 def _register(stage: str) -> None:
@@ -121,7 +124,7 @@ def profile_arguments(name: Annotated[str, typer.Argument(help="Profile name, e.
 
 
 def main() -> None:
-    run_command_line(app, "python -m tasks.cli")
+    run_command_line(app, "python -m tasks.cli", work_done=lambda: bool(COMPLETED_STAGES))
 
 
 if __name__ == "__main__":

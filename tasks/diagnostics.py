@@ -39,6 +39,17 @@ class InitializationVerdict:
     variance_ratio: float  # largest / smallest pre-activation variance across depth
 
 
+@dataclass(frozen=True)
+class Initialization:
+    """What the probe measured and the verdict on it."""
+
+    statistics: list[LayerStatistics]
+    verdict: InitializationVerdict
+
+    def write_report(self, table: Path, plot: Path) -> None:
+        write_initialization_report(self.statistics, self.verdict, table, plot)
+
+
 def probe_initialization(model: "keras.Model", images: np.ndarray, labels: np.ndarray) -> list[LayerStatistics]:
     """Per-layer pre-activation statistics and kernel gradient norms on one batch, in inference mode:
     measuring must not update batch-norm statistics nor consume dropout randomness."""

@@ -12,6 +12,7 @@ This module imports nothing heavy: entries use it before TensorFlow, MLflow or P
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -66,9 +67,28 @@ class UsageError(UserError):
     """The command line itself is wrong (an unknown option, a missing argument, a value out of range)."""
 
 
-def run_command_line(app: Any, prog_name: str) -> None:
+def exit_without_teardown(status: int = 0) -> NoReturn:
+    """End the process as `sys.exit` would, minus the interpreter's teardown: first what exit itself does
+    first (join the non-daemon threads and run threading's exit hooks, then every `atexit` handler: MLflow's,
+    Prefect's server stop, logging's flush, temporary folders' clean-up; then flush stdout and stderr), then
+    `os._exit`. What is skipped is freeing every module and object one by one, TensorFlow's above all:
+    1 to 4 s after a training, with nothing left to write by then (runs are ended and stores committed by the
+    handlers above, files closed by the code that wrote them). Only for an entry whose work is done."""
+    import atexit
+    import threading
+
+    threading._shutdown()  # type: ignore[attr-defined]  # what Python's exit does before its atexit handlers
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def run_command_line(app: Any, prog_name: str, work_done: Callable[[], bool] = lambda: False) -> None:
     """`run_entry` for a Typer app: its usage errors too end in one line with exit status 2 (not Click's
-    usage block and error box)."""
+    usage block and error box). Once the app has succeeded and `work_done()` says it did heavy work (a
+    stage, a flow), the process ends without the interpreter's teardown (`exit_without_teardown`)."""
     import typer
 
     def main() -> None:
@@ -84,7 +104,12 @@ def run_command_line(app: Any, prog_name: str) -> None:
             raise SystemExit(130) from None  # Ctrl-C at a prompt, as a shell reports it
         raise SystemExit(status if isinstance(status, int) else 0)
 
-    run_entry(main)
+    try:
+        run_entry(main)
+    except SystemExit as ending:
+        if ending.code in (0, None) and work_done():
+            exit_without_teardown(0)
+        raise
 
 
 def _expected_failure_names() -> set[str]:

@@ -247,6 +247,20 @@ class TrainParams(_Section):
     # The lessons study's small-data arms (overfitting, transfer) use it; validation and test stay whole.
     subset_per_class: PositiveInt | None = None
     seed: Seed = 42
+    # Deterministic kernels (tf.config.experimental.enable_op_determinism): the same params and data give the
+    # same metrics. Costs nothing measurable on CPU (bench/throughput.py); false only for a speed experiment.
+    deterministic: bool = True
+    # XLA-compile the training step (Keras `jit_compile`). Keras compiles with XLA only without op determinism;
+    # on CPU it trained 8-9x slower (CPU time per step, bench/throughput.py): for accelerators.
+    jit_compile: bool = False
+
+    @model_validator(mode="after")
+    def _xla_needs_nondeterministic_kernels(self) -> "TrainParams":
+        if self.jit_compile and self.deterministic:
+            # Keras would silently train without XLA: say so instead of ignoring the knob.
+            raise ValueError("train.jit_compile = true needs train.deterministic = false "
+                             "(Keras does not XLA-compile with op determinism on); allowed: jit_compile false, or both changed")
+        return self
 
 
 class EvaluateParams(_Section):

@@ -1,7 +1,7 @@
 """Batch prediction: classify a folder of images with a logged or registered MLflow model, into a CSV.
 
-The model is loaded as an MLflow pyfunc (`models:/cassava-classifier@champion` or `runs:/<run id>/model`), so
-prediction feeds it exactly what serving feeds it. Images go through `tasks.images.load_rgb_image` at the size
+The model is the logged MLflow model (`models:/cassava-classifier@champion` or `runs:/<run id>/model`), loaded
+as the Keras model MLflow serves, fed the float32 N x S x S x 3 pixels its signature declares. Images go through `tasks.images.load_rgb_image` at the size
 the model's signature declares: the same preprocessing as preparation, by construction. Class names come from
 the `cassava.classes` tag of the run that logged the model.
 
@@ -29,7 +29,7 @@ from tasks.names import CHAMPION_ALIAS, DEFAULT_MODEL_NAME
 from tasks.scoring import PredictionError
 
 if TYPE_CHECKING:
-    from mlflow.pyfunc import PyFuncModel
+    from tasks.scoring import LoggedKerasModel
 
 log = logging.getLogger("tasks.predict")  # also under `python -m tasks.predict`, where __name__ is __main__
 
@@ -64,12 +64,12 @@ def prediction_columns(class_names: Sequence[str]) -> list[str]:
     return ["file", "class", "confidence", *(f"p_{name}" for name in class_names)]
 
 
-def load_model(model_uri: str) -> "PyFuncModel":
-    """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at."""
-    from tasks.scoring import load_pyfunc_model
+def load_model(model_uri: str) -> "LoggedKerasModel":
+    """The logged Keras model, from the tracking store `configure_tracking` points at."""
+    from tasks.scoring import load_logged_model
 
     with _missing_model_is_an_error(model_uri):
-        return load_pyfunc_model(model_uri)
+        return load_logged_model(model_uri)
 
 
 @contextlib.contextmanager

@@ -133,9 +133,9 @@ def rescore_champion(
 ) -> tuple[float, int]:
     """(`metric_name`, input size) of a version of `model_name` on the given test split, its images resized to
     the version's own input size."""
-    from tasks.scoring import load_pyfunc_model, model_image_size, rescore_model
+    from tasks.scoring import load_logged_model, model_image_size, rescore_model
 
-    model = load_pyfunc_model(f"models:/{model_name}/{version}")
+    model = load_logged_model(f"models:/{model_name}/{version}")
     evaluation = rescore_model(model, test_images, test_labels, class_names, top_k, batch_size)
     if metric_name not in evaluation.metrics:
         raise ValueError(f"metric {metric_name!r} is not one evaluation computes ({', '.join(evaluation.metrics)})")

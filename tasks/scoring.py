@@ -1,7 +1,7 @@
 """Scoring a classifier on a test split: metrics from probabilities, and the models that produce them.
 
 Shared by the evaluate stage (the trained Keras model), the register stage (re-scoring the registry's champion
-on the candidate's test split) and batch prediction (an MLflow pyfunc model), so all three compute the same
+on the candidate's test split) and batch prediction (a logged MLflow model), so all three compute the same
 numbers the same way and none imports another's internals.
 
 Console and speed: Keras's `model.predict` builds a tf.data pipeline and a progress bar per call, and every
@@ -23,7 +23,7 @@ from tasks.errors import UserError
 
 if TYPE_CHECKING:
     import keras
-    from mlflow.pyfunc import PyFuncModel
+    import mlflow
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,29 @@ def quiet_model_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def load_pyfunc_model(model_uri: str) -> "PyFuncModel":
-    """The model as an MLflow pyfunc, from the tracking store `configure_tracking` points at.
+class LoggedKerasModel:
+    """An MLflow model of the keras flavor (what the train stage logs), loaded as Keras: its MLmodel metadata
+    (signature, run id) and `predict` through one compiled function.
 
-    MLflow's own requirement check (about 2 s: it resolves every pinned package's metadata) is replaced by
+    `mlflow.pyfunc.load_model` gives the same model behind its pyfunc layer, whose predict() calls Keras'
+    `model.predict`: a tf.data pipeline, a progress bar and a function trace per call (0.1-0.2 s of start-up
+    for a handful of images, bench/predict_startup.py). Here one `KerasPredictor` serves every batch. The input
+    check pyfunc does (float32, N x S x S x 3 as the signature says) is the caller's: the images are read at
+    the signature's size."""
+
+    def __init__(self, metadata: "mlflow.models.Model", model: "keras.Model") -> None:
+        self.metadata = metadata
+        self.model = model
+        self._predict = KerasPredictor(model)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self._predict(images)
+
+
+def load_logged_model(model_uri: str) -> LoggedKerasModel:
+    """The model at an MLflow model URI, from the tracking store `configure_tracking` points at.
+
+    MLflow's pyfunc requirement check (about 2 s: it resolves every pinned package's metadata) is replaced by
     a check of the one version that decides whether the saved model loads right: Keras.
     """
     quiet_model_downloads()
@@ -163,15 +182,19 @@ def load_pyfunc_model(model_uri: str) -> "PyFuncModel":
     from tasks.tracking import configure_tracking
 
     configure_tracking()
-    model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
-    saved_with = model.metadata.flavors.get("keras", {}).get("keras_version")
+    metadata = mlflow.models.Model.load(model_uri)  # the MLmodel file only
+    flavor = metadata.flavors.get("keras")
+    if flavor is None:
+        raise PredictionError(f"{model_uri} is not a Keras model (its flavors: {', '.join(metadata.flavors)}); "
+                              "this project predicts with the Keras models its train stage logs")
+    saved_with = flavor.get("keras_version")
     if saved_with and saved_with != keras_version:
         log.warning("%s was saved with Keras %s, this environment has %s: predictions may differ",
                     model_uri, saved_with, keras_version)
-    return model
+    return LoggedKerasModel(metadata, mlflow.keras.load_model(model_uri))
 
 
-def model_image_size(model: "PyFuncModel") -> int:
+def model_image_size(model: LoggedKerasModel) -> int:
     """S of the model's N x S x S x 3 input, from its signature."""
     schema = model.metadata.get_input_schema()
     shape = tuple(schema.inputs[0].shape) if schema and schema.is_tensor_spec() else ()
@@ -180,7 +203,7 @@ def model_image_size(model: "PyFuncModel") -> int:
     return int(shape[1])
 
 
-def model_class_names(model: "PyFuncModel") -> tuple[str, list[str]]:
+def model_class_names(model: LoggedKerasModel) -> tuple[str, list[str]]:
     """(run id, class names) of the run that logged the model.
 
     A model's metadata names its run whichever URI loaded it (for `models:/name@alias`, the version's run).
@@ -198,14 +221,11 @@ def model_class_names(model: "PyFuncModel") -> tuple[str, list[str]]:
     return run_id, classes.split(",")
 
 
-def predict_batches(model: "PyFuncModel", images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities of N x S x S x 3 images (any numeric dtype, values in [0, 255]) through the pyfunc,
-    as serving computes them, batch by batch, so a memory-mapped split is never loaded whole."""
-    outputs = []
-    with keras_progress_bars_off():
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
-            outputs.append(np.asarray(model.predict(batch)))
+def predict_batches(model: LoggedKerasModel, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities of N x S x S x 3 images (any numeric dtype, values in [0, 255]), batch by batch, so
+    a memory-mapped split is never loaded whole."""
+    outputs = [model.predict(np.asarray(images[start : start + batch_size], dtype=np.float32))
+               for start in range(0, len(images), batch_size)]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -224,7 +244,7 @@ def align_to_classes(probabilities: np.ndarray, model_classes: Sequence[str], cl
 
 
 def rescore_model(
-    model: "PyFuncModel", images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], top_k: int,
+    model: LoggedKerasModel, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], top_k: int,
     batch_size: int,
 ) -> Evaluation:
     """Score an MLflow model on a test split whatever input size it was trained at: the images are resized to

@@ -22,9 +22,11 @@ import contextlib
 import csv
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,10 +34,11 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import mlflow
 from mlflow import MlflowClient
@@ -72,13 +75,37 @@ class StageRecord:
 
 @dataclass
 class StageRun:
-    """Handle a stage gets inside `stage_run`: the run id and a way to log its record."""
+    """Handle a stage gets inside `stage_run`: the run id, a way to log its record, and a logging thread for
+    work that need not hold up the stage (writing and logging a report while training runs)."""
 
     run_id: str
     stage: str
     records: list[StageRecord]
+    _pending: list[Future] = field(default_factory=list)
+    _worker: ThreadPoolExecutor | None = None
+
+    def in_background(self, work: Callable[[], None]) -> None:
+        """Run `work` on this run's logging thread, in submission order. The stage waits for it before its
+        outputs are published (`wait_for_background`) and the run never ends FINISHED before it is done;
+        if it fails, the stage fails and the run ends FAILED. Log with the explicit run id: MLflow's active
+        run belongs to the main thread."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage}-logging")
+        self._pending.append(self._worker.submit(work))
+
+    def wait_for_background(self) -> None:
+        """Wait until the background work is done; raise its first failure."""
+        pending, self._pending = self._pending, []
+        failures = [future.exception() for future in pending]  # each waits for its work to end
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+        failure = next((error for error in failures if error is not None), None)
+        if failure is not None:
+            raise failure
 
     def complete(self, record: StageRecord) -> None:
+        self.wait_for_background()
         record.run_id = self.run_id
         log_record(self.run_id, record, replay_series=False)
         self.records.append(record)
@@ -593,7 +620,13 @@ def stage_run(
             if training_fingerprint:
                 _mark_training(current, flat_params, training_fingerprint)
             handle = StageRun(current, stage, records)
-            yield handle
+            try:
+                yield handle
+            except BaseException:
+                with contextlib.suppress(Exception):  # the stage's own error is the reason the run ends
+                    handle.wait_for_background()  # nothing may log into the run after it has ended
+                raise
+            handle.wait_for_background()
             mlflow.set_tag(stage_done_tag(stage), "done")
             _tag_data_version(client, current, params)
             write_pointer(pointer_out, current, handle.records)
@@ -711,29 +744,75 @@ class EpochLog:
             self.logged.add(epoch)
 
 
+# What the end of a stage imports for the first time (model logging, the data version, the dataset input): about
+# a second on 2 cores. A stage with time to spare (training) imports them on its logging thread beforehand.
+END_OF_STAGE_MODULES = ("mlflow.keras", "mlflow.pyfunc", "mlflow.models.signature", "mlflow.types",
+                        "mlflow.data.pandas_dataset", "pandas", "dvc_data.hashfile.build", "dvc_data.hashfile.db",
+                        "dvc_objects.fs.local")
+
+
+def import_end_of_stage_modules() -> None:
+    for name in END_OF_STAGE_MODULES:
+        importlib.import_module(name)
+
+
 def log_keras_model(model_dir: Path) -> None:
-    """Log `model_dir/model.keras` as MLflow model "model" with its signature and input example."""
-    import keras
+    """Log `model_dir/model.keras` as MLflow model "model" with its signature and input example.
+
+    The model file is copied into the MLflow model as it is, not loaded and serialized again, and the signature
+    comes from the shapes the training recorded (`signature.json`), not from a prediction. MLflow's check of
+    the serving input (reload as pyfunc, predict the example) is skipped: the example is the model's own
+    validation images, and tests load every logged model and predict it (about 3 s saved per run).
+    """
     import numpy as np
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    from tasks.scoring import keras_progress_bars_off
-
-    model = keras.saving.load_model(model_dir / "model.keras")
     example = np.load(model_dir / "input_example.npy")
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    # MLflow validates the serving input example through the pyfunc, whose predict() shows a `1/1 ━━━━` bar.
-    with keras_progress_bars_off():
-        mlflow.models.Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=_KerasFlavor,
-            model=model,
-            signature=signature,
-            input_example=example,
-            # Explicit requirements: inferring them runs a pip resolution that costs ~7 s per run.
-            pip_requirements=[f"{name}=={metadata.version(name)}" for name in _model_requirements()],
-        )
+    shapes = _recorded_shapes(model_dir)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(shapes["input_dtype"]), tuple(shapes["input_shape"]))]),
+        outputs=Schema([TensorSpec(np.dtype(shapes["output_dtype"]), tuple(shapes["output_shape"]))]),
+    )
+    mlflow.models.Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=_KerasFlavor,
+        model=_SavedKerasFile(model_dir / "model.keras"),
+        signature=signature,
+        input_example=example,
+        validate_serving_input=False,
+        # Explicit requirements: inferring them runs a pip resolution that costs ~7 s per run.
+        pip_requirements=[f"{name}=={metadata.version(name)}" for name in _model_requirements()],
+    )
+
+
+def keras_signature_shapes(model: Any) -> dict[str, Any]:
+    """The model's input and output dtypes and shapes, batch dimension -1, as `signature.json` holds them."""
+    return {
+        "input_dtype": model.inputs[0].dtype, "input_shape": [-1, *model.input_shape[1:]],
+        "output_dtype": model.outputs[0].dtype, "output_shape": [-1, *model.output_shape[1:]],
+    }
+
+
+def _recorded_shapes(model_dir: Path) -> dict[str, Any]:
+    recorded = model_dir / "signature.json"
+    if recorded.exists():
+        return json.loads(recorded.read_text())
+    import keras  # a model folder written before signature.json existed (a carried-over record)
+
+    return keras_signature_shapes(keras.saving.load_model(model_dir / "model.keras"))
+
+
+class _SavedKerasFile:
+    """A Keras model already saved as a .keras file, in the one role MLflow's keras flavor gives the model
+    object: `model.save(path)`, which becomes a copy of that file."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+
+    def save(self, path: str, **kwargs: Any) -> None:
+        shutil.copyfile(self.file, path)
 
 
 class _KerasFlavor:
@@ -746,7 +825,8 @@ class _KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(model: Any, path: str, **kwargs: Any) -> None:
+    def save_model(model: Any, path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
+        # (`validate_serving_input` is Model.log's option, handed on to the flavor too: not the flavor's.)
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(model, path, **kwargs)
 

@@ -4,7 +4,7 @@ Seeded end to end (Python, NumPy, TensorFlow, op determinism, an epoch-indexed i
 params and data give the same metrics on CPU, also when a killed training is started again: Keras'
 BackupAndRestore brings back weights, optimizer and epoch, and a small progress file next to it brings back
 the per-epoch history and the early-stopping state. When early stopping restores the best weights, the
-metrics reported as final are those of the restored model, recomputed, never the last epoch's.
+metrics reported as final are those of the restored model (its epoch's validation), never the last epoch's.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class TrainSummary:
     best_epoch: int  # 1-based, the epoch whose weights the final model has
     stopped_epoch: int  # 1-based epoch where early stopping ended training, 0 if it ran all epochs
     resumed_from_epoch: int  # 0 unless a killed training was continued
-    best_val_loss: float  # of the final (restored) model, recomputed
+    best_val_loss: float  # of the final (restored) model: its epoch's validation
     best_val_accuracy: float
     train_loss: float  # of the final model on the training split, inference mode
     train_accuracy: float
@@ -64,13 +64,18 @@ class TrainingDiverged(UserError, RuntimeError):
         self.gradient_flags = gradient_flags
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and TensorFlow seeds, plus deterministic kernels (slightly slower, same result each run)."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Python, NumPy and TensorFlow seeds, plus deterministic kernels (`train.deterministic`: same result each
+    run). The kernel choice is process-wide, so it is set both ways: a sweep point or a test that ran a
+    non-deterministic training before must not leave the next one non-reproducible."""
     import keras
-    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config  # disable_op_determinism has no public alias
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def learning_rate_schedule(train: TrainParams, steps_per_epoch: int) -> "float | keras.optimizers.schedules.LearningRateSchedule":
@@ -117,6 +122,12 @@ def build_optimizer(train: TrainParams, steps_per_epoch: int) -> "keras.optimize
             rate, weight_decay=train.weight_decay, beta_1=train.beta_1, beta_2=train.beta_2, epsilon=train.epsilon, **clipping
         )
     return keras.optimizers.Adam(rate, beta_1=train.beta_1, beta_2=train.beta_2, epsilon=train.epsilon, **clipping)
+
+
+def compile_classifier(model: "keras.Model", train: TrainParams, steps_per_epoch: int) -> None:
+    """The optimizer, loss and metrics every training path uses, with `train.jit_compile` (XLA) applied."""
+    model.compile(optimizer=build_optimizer(train, steps_per_epoch), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=train.jit_compile)
 
 
 def balanced_class_weight(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -318,7 +329,7 @@ def train_classifier(
         from tasks.transfer import train_transfer
 
         return train_transfer(params, prepared, checkpoint_file, backup_dir, on_epoch, progress, train_indices)
-    seed_everything(params.train.seed)
+    seed_everything(params.train.seed, params.train.deterministic)
     train_images, train_labels = prepared.split("train")
     if train_indices is not None:
         train_images, train_labels = train_images[np.sort(train_indices)], train_labels[np.sort(train_indices)]
@@ -331,9 +342,7 @@ def train_classifier(
 
     log.info("train: building the model (conv blocks %s) and measuring its initialization", params.model.conv_filters)
     model = build_classifier(params.model, params.data.image_size, class_count, params.train.seed)
-    model.compile(
-        optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    compile_classifier(model, params.train, steps_per_epoch)
     guard = DivergenceGuard(params.train.divergence_factor, progress.reference_loss,
                             lambda loss: setattr(progress, "reference_loss", loss))
     guards = [AppliedGradientNorm(model.optimizer), guard]
@@ -375,10 +384,12 @@ def train_classifier(
     best_epoch = len(history)
     if stopping.enabled and stopping.restore_best_weights and checkpoint_file.exists():
         best_epoch = best_epoch_of(history, stopping.monitor, mode)
-        model.set_weights(keras.saving.load_model(checkpoint_file).get_weights())
+        model.load_weights(checkpoint_file)
     stopped_epoch = len(history) if len(history) < params.train.epochs else 0
     train_loss, train_accuracy = model.evaluate(batched_dataset(train_images, train_labels, batch_size), verbose=0)
-    val_loss, val_accuracy = model.evaluate(batched_dataset(val_images, val_labels, batch_size), verbose=0)
+    # The final weights are those of epoch `best_epoch`, whose validation fit ran on exactly these weights, in
+    # inference mode, on the same batches: its numbers are the final model's (not evaluated a second time).
+    val_loss, val_accuracy = history[best_epoch - 1]["val_loss"], history[best_epoch - 1]["val_accuracy"]
     summary = TrainSummary(
         epochs_run=len(history), best_epoch=best_epoch, stopped_epoch=stopped_epoch, resumed_from_epoch=first_epoch,
         best_val_loss=val_loss, best_val_accuracy=val_accuracy, train_loss=train_loss, train_accuracy=train_accuracy,
@@ -392,11 +403,14 @@ def train_classifier(
 def save_training_outputs(
     outcome: TrainingOutcome, prepared: PreparedData, model_dir: Path, history_file: Path, summary_file: Path
 ) -> None:
-    """The model (with an input example and its summary), the per-epoch history CSV, the summary JSON."""
+    """The model (with an input example, its signature's shapes and its summary), the per-epoch history CSV,
+    the summary JSON."""
     from tasks.model import model_summary
+    from tasks.tracking import keras_signature_shapes
 
     model_dir.mkdir(parents=True, exist_ok=True)
     outcome.model.save(model_dir / "model.keras")
+    (model_dir / "signature.json").write_text(json.dumps(keras_signature_shapes(outcome.model)) + "\n")
     val_images, _ = prepared.split("val")
     np.save(model_dir / "input_example.npy", np.asarray(val_images[:2], dtype=np.float32))
     (model_dir / "model_summary.txt").write_text(model_summary(outcome.model) + "\n")
@@ -408,24 +422,23 @@ def save_training_outputs(
     summary_file.write_text(json.dumps(asdict(outcome.summary), indent=2) + "\n")
 
 
-def diagnose_initialization(params: Params, prepared: PreparedData, table: Path, plot: Path) -> "InitializationVerdict":
-    """Lesson 1, before any epoch: probe the freshly initialized model on a fixed batch, write table and plot."""
-    from tasks.diagnostics import judge_initialization, probe_initialization, write_initialization_report
+def diagnose_initialization(params: Params, prepared: PreparedData) -> "Initialization":
+    """Lesson 1, before any epoch: probe the freshly initialized model on a fixed batch and judge it."""
+    from tasks.diagnostics import Initialization, judge_initialization, probe_initialization
     from tasks.model import build_classifier
 
-    seed_everything(params.train.seed)
+    seed_everything(params.train.seed, params.train.deterministic)
     images, labels = prepared.split("train")
     model = build_classifier(params.model, params.data.image_size, len(prepared.class_names()), params.train.seed)
     statistics = probe_initialization(model, np.asarray(images[:PROBE_BATCH], dtype=np.float32), labels[:PROBE_BATCH])
     verdict = judge_initialization(statistics)
-    write_initialization_report(statistics, verdict, table, plot)
     (log.info if verdict.healthy else log.warning)("train: initialization %s: %s",
                                                    "healthy" if verdict.healthy else "BAD", verdict.reason)
-    return verdict
+    return Initialization(statistics, verdict)
 
 
 if TYPE_CHECKING:
-    from tasks.diagnostics import InitializationVerdict
+    from tasks.diagnostics import Initialization
 
 
 def run_train(params: Params, run_id: str | None = None) -> str:
@@ -440,7 +453,8 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         resume_from = load_transfer_progress
     from tasks import layout
     from tasks.staging import staged_outputs
-    from tasks.tracking import EpochLog, StageRecord, log_artifacts, set_run_tags, stage_run
+    from tasks.tracking import (EpochLog, StageRecord, import_end_of_stage_modules, log_artifacts, set_run_tags,
+                                stage_run)
 
     root = workspace_root()
     prepared = PreparedData(root / layout.PREPARED_DIR)
@@ -457,11 +471,18 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         progress.run_id = run.run_id
         epoch_log = EpochLog(run.run_id, progress.history)  # every epoch once, also across a kill
         diagnostics = [staged.path(layout.INIT_DIAGNOSTICS_FILE), staged.path(layout.INIT_DIAGNOSTICS_PLOT)]
-        verdict = diagnose_initialization(params, prepared, *diagnostics)
+        initialization = diagnose_initialization(params, prepared)
+        verdict = initialization.verdict
         # Logged at once, not with the stage's record at the end: a bad initialization shows before any epoch.
         set_run_tags(run.run_id, {INIT_VERDICT_TAG: "healthy" if verdict.healthy else "bad",
                                   INIT_REASON_TAG: verdict.reason})
-        log_artifacts(run.run_id, diagnostics, "diagnostics")
+
+        def report_initialization() -> None:  # drawn and logged while training runs (matplotlib: about 1 s)
+            initialization.write_report(*diagnostics)
+            log_artifacts(run.run_id, diagnostics, "diagnostics")
+
+        run.in_background(report_initialization)
+        run.in_background(import_end_of_stage_modules)  # off the critical path too, while training runs
         try:
             outcome = train_classifier(
                 params, prepared, root / layout.CHECKPOINT_FILE, backup_dir, on_epoch=epoch_log, progress=progress,
@@ -472,6 +493,7 @@ def run_train(params: Params, run_id: str | None = None) -> str:
         save_training_outputs(outcome, prepared, staged.path(layout.MODEL_DIR), staged.path(layout.HISTORY_FILE),
                               staged.path(layout.TRAIN_SUMMARY_FILE))
         layout.write_metrics(outcome.summary.metrics(), staged.path(layout.TRAIN_METRICS_FILE))
+        run.wait_for_background()  # the diagnostics are outputs too
         staged.publish()
         run.complete(
             StageRecord(

@@ -28,7 +28,7 @@ from tasks.params import Params
 from tasks.prepared import PreparedData, batched_dataset
 from tasks.train import (
     EpochCallback, Progress, TrainingDiverged, TrainingOutcome, TrainSummary, _callbacks,
-    balanced_class_weight, best_epoch_of, build_optimizer, gradient_flags, load_progress, monitor_mode,
+    balanced_class_weight, best_epoch_of, compile_classifier, gradient_flags, load_progress, monitor_mode,
     seed_everything, seed_state_variables, training_fingerprint,
 )
 
@@ -167,9 +167,7 @@ def fit_phase(
     first_epoch = len(progress.history)
     batch_size = params.train.batch_size
     steps_per_epoch = math.ceil(len(train_y) / batch_size)
-    model.compile(
-        optimizer=build_optimizer(params.train, steps_per_epoch), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    compile_classifier(model, params.train, steps_per_epoch)
     guard = DivergenceGuard(params.train.divergence_factor, progress.reference_loss,
                             lambda loss: setattr(progress, "reference_loss", loss))
     for state, saved in zip(seed_state_variables(model), progress.latest.get("seed_states", [])):
@@ -268,7 +266,7 @@ def train_transfer(
     from tasks.backbones import lineage_tags, resolve_source
     from tasks.model import build_classifier
 
-    seed_everything(params.train.seed)
+    seed_everything(params.train.seed, params.train.deterministic)
     train_rows = None if train_indices is None else np.sort(train_indices)
     train_images, train_labels = prepared.split("train")
     if train_rows is not None:
@@ -340,7 +338,7 @@ def train_transfer(
             model.set_weights(phase1_weights)  # fine-tuning did not beat the head alone: keep phase 1's model
     seconds = time.perf_counter() - started
     if not model.compiled:  # phase 1 trained the head alone, on features
-        model.compile(optimizer=build_optimizer(params.train, 1), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        compile_classifier(model, params.train, 1)
 
     train_loss, train_accuracy = model.evaluate(batched_dataset(train_images, train_labels, params.train.batch_size), verbose=0)
     val_loss, val_accuracy = model.evaluate(batched_dataset(val_images, val_labels, params.train.batch_size), verbose=0)

@@ -4,12 +4,14 @@ expected failure stays off the console."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tasks.errors import DataError, ExpectedFailureFilter, UserError, quiet_expected_failures, run_entry
-from tasks.params import ParamsError
+from tasks.params import ParamsError, code_root
 
 
 def _fail(error: BaseException) -> None:
@@ -99,3 +101,26 @@ def test_every_expected_failure_of_the_stages_is_a_user_error() -> None:
     for kind in (DataError, ParamsError, PredictionError, TrainingDiverged):
         assert issubclass(kind, UserError)
     assert issubclass(ParamsError, ValueError) and issubclass(DataError, ValueError)  # callers catching ValueError
+
+
+def test_exit_without_teardown_still_finishes_threads_exit_handlers_and_output(tmp_path: Path) -> None:
+    """What an entry skips after its work is the interpreter's teardown only: a thread still working is
+    waited for, exit handlers run, buffered output is written, and the status is the one given."""
+    script = (
+        "import atexit, pathlib, sys, threading, time\n"
+        "from tasks.errors import exit_without_teardown\n"
+        f"folder = pathlib.Path({str(tmp_path)!r})\n"
+        "def late_writer():\n"
+        "    time.sleep(0.5)\n"
+        "    (folder / 'thread.txt').write_text('written')\n"
+        "threading.Thread(target=late_writer).start()\n"
+        "atexit.register(lambda: (folder / 'atexit.txt').write_text(str((folder / 'thread.txt').exists())))\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "exit_without_teardown(3)\n"
+        "print('never here')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=code_root(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3
+    assert result.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit.txt").read_text() == "True"  # the thread had ended before the handlers ran

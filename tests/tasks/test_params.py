@@ -41,6 +41,8 @@ def test_overrides_are_typed_like_dvc_exp_run_set() -> None:
         ("train", "override 'train': expected section.key=value"),
         ("data.seed=-1", "data.seed = -1: input should be greater than or equal to 0"),
         ("train.seed=-7", "train.seed = -7: input should be greater than or equal to 0"),
+        ("train.jit_compile=maybe", "train.jit_compile = 'maybe': input should be a valid boolean"),
+        ("train.jit_compile=true", "train.jit_compile = true needs train.deterministic = false"),
         ("evaluate.seed=4294967296", "evaluate.seed = 4294967296: input should be less than 4294967296"),
         ("registry.metric=test_loss", "registry.metric = 'test_loss': not a metric the evaluation scores; use one of "
                                       "test_accuracy, test_macro_f1, test_top2_accuracy or test_precision/test_recall"),

@@ -6,12 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from tasks.layout import INTERRUPTED_RUN_FILE
+from tasks.names import stage_done_tag
 from tasks.params import Params, code_root, flatten_params, load_params
 from tasks.tracking import (
     EXPERIMENT_KIND_TAG,
@@ -88,6 +90,32 @@ def test_a_failing_stage_ends_failed_with_the_reason(workspace: Path, tiny_param
     assert failed.info.status == "FAILED"
     assert failed.data.tags["cassava.failure"] == "train: ZeroDivisionError: division by zero"
     assert not (workspace / "t.json").exists()
+
+
+def test_background_work_is_done_before_the_run_ends_finished(workspace: Path, tiny_params: Params) -> None:
+    def slow_logging() -> None:
+        time.sleep(0.5)  # still working when the stage body ends
+        MlflowClient().set_tag(run.run_id, "logged_in_background", "yes")
+
+    with stage_run("train", tiny_params, None, workspace / "t.json") as run:
+        run.in_background(slow_logging)
+    finished = MlflowClient().get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["logged_in_background"] == "yes"
+
+
+def test_a_failure_in_background_work_ends_the_run_failed(workspace: Path, tiny_params: Params) -> None:
+    def broken_plot() -> None:
+        raise RuntimeError("the plot could not be drawn")
+
+    with pytest.raises(RuntimeError, match="the plot could not be drawn"):
+        with stage_run("train", tiny_params, None, workspace / "t.json") as run:
+            run.in_background(broken_plot)
+    failed = MlflowClient().get_run(run.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["cassava.failure"] == "train: RuntimeError: the plot could not be drawn"
+    assert stage_done_tag("train") not in failed.data.tags
+    assert not (workspace / "t.json").exists()  # no pointer: the next stage does not build on it
 
 
 def test_an_interrupted_stage_ends_killed(workspace: Path, tiny_params: Params) -> None:

@@ -202,6 +202,8 @@ def test_everything_switched_on_trains_and_logs(workspace: Path) -> None:
     assert run.data.tags["cassava.init_verdict"] == "healthy"
     assert run.data.tags["cassava.gradient_flag"] == "none"
     assert run.data.params["train.optimizer"] == "sgd" and run.data.params["model.dropout"] == "[0.1, 0.2]"
+    # The speed settings a run trained with are in its params, as every other knob.
+    assert run.data.params["train.deterministic"] == "True" and run.data.params["train.jit_compile"] == "False"
     rates = [point.value for point in client.get_metric_history(run_id, "learning_rate")]
     assert rates == pytest.approx([0.05, 0.025, 0.0125])
     for key in ("grad_norm", "gap_accuracy", "gap_loss"):
