@@ -489,17 +489,41 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread. An exception raised by a signal handler is lost when the
+    handler happens to run inside a weakref callback or a `__del__` (Python prints "Exception ignored in ..."
+    and goes on): seen in a sweep point that trained on after its SIGTERM. So once one has come, the signal is
+    sent again every second until its Terminated has left this block."""
+    import threading
+
     if not _in_main_thread():
         yield
         return
+    received = threading.Event()
+    settled = threading.Event()
+
+    def send_again() -> None:
+        while not settled.wait(1.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    resender = threading.Thread(target=send_again, name="sigterm-again", daemon=True)
 
     def handler(signum: int, frame: Any) -> None:
+        if settled.is_set():
+            return  # the first one got through: the run is being ended
+        if not received.is_set():
+            received.set()
+            resender.start()
         raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+        if received.is_set():  # every raise was swallowed, yet the work ended: the stop request still stands
+            raise Terminated(f"signal {signal.SIGTERM.value}")
     finally:
+        settled.set()
+        if resender.is_alive():
+            resender.join()
         signal.signal(signal.SIGTERM, previous)
 
 

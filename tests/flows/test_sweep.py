@@ -171,8 +171,10 @@ def test_killed_sweep_leaves_no_process_and_no_running_child(workspace: Path, pr
     env = dict(os.environ, CASSAVA_WORKSPACE=str(workspace), PREFECT_API_URL=PREFECT_API_URL.value(),
                PYTHONPATH=str(code_root()))
     env.pop("MLFLOW_TRACKING_URI", None)
+    # Epochs of the tiny set take tens of milliseconds: the most the schema allows, so that neither point can finish its
+    # training before the other has started and the sweep is killed.
     command = [sys.executable, "-m", "flows.sweep", *(arg for axis in SWEPT for arg in ("-S", axis)),
-               "-S", "train.epochs=200", "-S", "train.early_stopping.enabled=false", "--workers", "2"]
+               "-S", "train.epochs=1000", "-S", "train.early_stopping.enabled=false", "--workers", "2"]
     with (workspace / "sweep.log").open("w") as log:
         sweep = subprocess.Popen(command, cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -391,3 +391,31 @@ def test_dvc_metrics_files_hold_the_headline_numbers_only(tmp_path: Path) -> Non
     training = {"epochs_run": 6.0, "best_epoch": 4.0, "best_val_accuracy": 0.8, "seconds": 12.5}
     write_metrics(training, tmp_path / "train_metrics.json")
     assert json.loads((tmp_path / "train_metrics.json").read_text()) == {"best_epoch": 4.0, "best_val_accuracy": 0.8}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost one, as intended
+def test_a_sigterm_whose_exception_is_lost_in_a_weakref_callback_is_delivered_again() -> None:
+    import os
+    import signal
+    import time
+    import weakref
+
+    from tasks.tracking import Terminated, _sigterm_raises
+
+    class Thing:
+        pass
+
+    def on_collected(_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):  # the handler runs in here: Python prints "Exception ignored" and goes on
+            pass
+
+    started = time.monotonic()
+    with pytest.raises(Terminated):
+        with _sigterm_raises():
+            thing = Thing()
+            reference = weakref.ref(thing, on_collected)
+            del thing
+            while time.monotonic() - started < 20:  # a training that would go on
+                time.sleep(0.01)
+    assert reference() is None and time.monotonic() - started < 10
