@@ -23,6 +23,7 @@ import yaml
 
 from flows.child_processes import free_port, group_alive
 from flows.prefect_api import PLATFORM_RECORD, PrefectApiError, running_api
+from tasks.names import stage_done_tag
 from tasks.params import ParamsError, code_root, load_params
 
 RUN_LIMIT_SECONDS = 600  # a tiny pipeline on a loaded 2-core machine: minutes, not seconds
@@ -250,7 +251,9 @@ def test_platform_runs_the_schedule_and_stops_everything(workspace: Path, tmp_pa
             assert platform.poll() is None, log.read_text()[-3000:]
             experiment = client.get_experiment_by_name("cassava-synthetic")
             runs = client.search_runs([experiment.experiment_id], "tags.`cassava.trigger` = 'schedule'") if experiment else []
-            scheduled = next((run for run in runs if run.info.status == "FINISHED"), None)
+            # Each stage ends the run FINISHED and the next reopens it: wait for the last stage's.
+            scheduled = next((run for run in runs if run.info.status == "FINISHED"
+                              and run.data.tags.get(stage_done_tag("register")) == "done"), None)
             time.sleep(3)
         assert scheduled is not None, f"no scheduled run finished: {log.read_text()[-3000:]}"
         tags = scheduled.data.tags
